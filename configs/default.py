@@ -1,0 +1,131 @@
+"""Every key jaxmed reads, with its default. Other configs import this and override a few keys.
+
+Run it (one CPU device or whatever accelerators are visible, data parallel over all of them):
+  python -m jaxmed.main --config=configs/default.py
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.name = 'default'  # Run name: the default workdir is workdirs/<name>.
+  config.seed = 0  # One seed for data order, augmentation and initialisation.
+
+  # ---- data: raw scans, preprocessing, input pipeline -------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.raw_dir = 'data/raw/synthetic'  # LUNA16 layout: subset0..9/<seriesuid>.mhd/.raw + CSVs.
+  data.candidates_csv = 'candidates_V2.csv'  # Relative to raw_dir unless absolute.
+  data.annotations_csv = 'annotations.csv'  # Relative to raw_dir unless absolute.
+  data.annotations_excluded_csv = ''  # LUNA16's annotations_excluded.csv for FROC; '' = none.
+  data.crops_file = 'data/preprocessed/synthetic_crops.h5'  # The HDF5 crops file (schema v1).
+  data.auto_prepare = True  # train/eval: synthesize + preprocess the default dataset if missing.
+  data.overwrite = False  # preprocess/synthesize: replace a complete output instead of stopping.
+  data.strict = False  # preprocess: a candidate whose scan is missing is an error, not a skip.
+  data.subsets = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)  # preprocess: LUNA subsets to read.
+  data.spacing_mm = 1.0  # Isotropic voxel spacing after resampling, mm.
+  data.interpolator = 'linear'  # Resampling: 'linear' or 'bspline'.
+  data.stored_crop_size = 24  # Edge of the cube stored per candidate, voxels (crop + margin).
+  data.crop_size = 16  # Edge of the cube the model sees, voxels (<= stored_crop_size).
+  data.negatives_per_scan = -1  # Negatives kept per scan: -1 = all, else a deterministic cap.
+  data.exclude_radius_mm = 0.0  # Negatives closer than this to a nodule centre: 0 = half a crop.
+  data.preprocess_workers = 2  # Worker processes for preprocessing (one scan each at a time).
+  data.train_subsets = (0, 1, 2, 3, 4, 5, 6, 7)  # LUNA subsets used for training.
+  data.val_subsets = (8,)  # Subsets for periodic validation during training.
+  data.test_subsets = (9,)  # Subsets scored by --mode=eval.
+  data.positive_fraction = 0.5  # Fraction of positives in every training batch.
+  data.workers = 0  # Grain worker processes per host (0 = read in the main process).
+  data.prefetch = 2  # Batches each worker prepares ahead (Grain per_worker_buffer_size).
+  data.hu_window = (-1000.0, 400.0)  # HU mapped linearly onto [0, 1], clipped.
+
+  # Synthetic LUNA16-format scans (--mode=synthesize, and auto_prepare).
+  data.synthetic = synthetic = ml_collections.ConfigDict()
+  synthetic.num_scans = 30  # Scans written, spread round-robin over the subsets.
+  synthetic.num_subsets = 10  # subset0..subset{n-1}.
+  synthetic.shape_xyz = (128, 128, 64)  # Scan size in voxels (x, y, z); LUNA16 is ~(512, 512, 300).
+  synthetic.nodules_per_scan = (2, 5)  # Inclusive range of nodules per scan.
+  synthetic.nodule_diameter_mm = (3.0, 30.0)  # Range of nodule diameters, mm.
+  synthetic.negatives_per_scan = 40  # Negative candidates per scan (about a third on vessels).
+  synthetic.positives_per_nodule = (1, 3)  # Jittered positive candidates per nodule.
+  synthetic.seed = 0  # Seed of the synthetic dataset (independent of config.seed).
+
+  # Augmentation, on the device inside the jitted step (training only).
+  data.augment = augment = ml_collections.ConfigDict()
+  augment.translate = True  # Random offset within the stored margin before the centre crop.
+  augment.flip = True  # Random flips along each of the three axes.
+  augment.rotate = True  # Random choice among the 24 rotations of the cube.
+  augment.intensity_scale = 0.05  # HU multiplied by 1 + U(-s, s).
+  augment.intensity_shift_hu = 20.0  # HU shifted by U(-s, s).
+  augment.noise_std_hu = 0.0  # Gaussian noise std in HU (0 = off).
+
+  # ---- model ------------------------------------------------------------------------------
+  config.model = model = ml_collections.ConfigDict()
+  model.name = 'resnet3d'  # 'resnet3d' (the seed's ResNet) or 'cnn3d' (a small plain CNN).
+  model.depth = 18  # ResNet depth: 10, 18 or 34.
+  model.width = 64  # Filters of the first stage; stages use width x (1, 2, 4, 8).
+  model.stem_kernel = 7  # ResNet stem kernel edge (the seed: 7, stride 2).
+  model.stem_stride = 2  # ResNet stem stride.
+  model.stem_pool = True  # ResNet 3^3 max-pool stride 2 after the stem.
+  model.dtype = 'bfloat16'  # Compute dtype of activations: 'float32' or 'bfloat16'.
+  model.param_dtype = 'float32'  # Dtype parameters are stored and updated in.
+
+  # ---- mesh and sharding ------------------------------------------------------------------
+  # Axes data x fsdp x model x spatial; one size may be -1 (filled from the device count).
+  # ici_* is within a host/slice, dcn_* across hosts/slices; the mesh is ici x dcn per axis.
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.ici_data = -1
+  mesh.ici_fsdp = 1
+  mesh.ici_model = 1
+  mesh.ici_spatial = 1
+  mesh.dcn_data = 1
+  mesh.dcn_fsdp = 1
+  mesh.dcn_model = 1
+  mesh.dcn_spatial = 1
+  # Logical axis name -> mesh axis (or tuple of axes, or None = replicated).
+  mesh.logical_rules = (
+      ('batch', ('data', 'fsdp')),  # Examples are split over data and fsdp.
+      ('depth', 'spatial'),  # Activation depth (z) split over spatial.
+      ('height', None),
+      ('width', None),
+      ('channels', 'model'),  # Activation channels split over model (tensor parallel).
+      ('conv_in', 'fsdp'),  # Kernel input channels sharded over fsdp (ZeRO-3 style).
+      ('conv_out', 'model'),  # Kernel output channels split over model.
+      ('kernel_spatial', None),
+      ('features', None),  # Dense/classifier features.
+  )
+
+  # ---- training ---------------------------------------------------------------------------
+  config.train = train = ml_collections.ConfigDict()
+  train.global_batch_size = 64  # Examples per step over all hosts and devices.
+  train.steps = 1000  # Total optimisation steps.
+  train.learning_rate = 1e-3  # Peak AdamW learning rate.
+  train.warmup_steps = 50  # Linear warm-up steps before the cosine decay.
+  train.weight_decay = 1e-4  # AdamW decoupled weight decay.
+  train.grad_clip_norm = 1.0  # Global gradient norm clip (0 = off).
+  train.log_every_steps = 20  # Steps between metrics.jsonl / TensorBoard / progress lines.
+  train.eval_every_steps = 200  # Steps between validation passes (0 = only at the end).
+  train.eval_batch_size = 64  # Global batch for evaluation (last batch padded, never dropped).
+  train.profile_steps = 0  # >0: write a jax.profiler trace of this many steps after warm-up.
+  train.nan_at_step = -1  # Test hook: make the loss NaN at this step (-1 = off).
+
+  # ---- checkpoints ------------------------------------------------------------------------
+  config.checkpoint = checkpoint = ml_collections.ConfigDict()
+  checkpoint.every_steps = 500  # Steps between checkpoints (and one at the end).
+  checkpoint.keep = 3  # Most recent checkpoints kept.
+  checkpoint.async_save = True  # Write in the background while training continues.
+  checkpoint.step = -1  # --mode=eval: step to restore (-1 = latest).
+
+  # ---- evaluation (--mode=eval) -----------------------------------------------------------
+  config.eval = eval_ = ml_collections.ConfigDict()
+  eval_.bootstrap_samples = 1000  # Bootstrap resamples over scans for the CPM 95% interval.
+  eval_.montage_size = 8  # Crops shown in each montage (top false positives, missed nodules).
+
+  # ---- multi-host (jax.distributed) -------------------------------------------------------
+  config.distributed = dist = ml_collections.ConfigDict()
+  dist.coordinator_address = ''  # host:port of process 0; '' = environment or auto-detection.
+  dist.num_processes = 0  # 0 = from the environment / auto-detection (1 if nothing found).
+  dist.process_id = -1  # -1 = from the environment / auto-detection.
+  dist.initialization_timeout_s = 300  # Seconds to wait for every process to join.
+  dist.heartbeat_timeout_s = 60  # A process silent this long is declared lost.
+  dist.cpu_devices = 0  # CPU-only runs: virtual devices per process (0 = as the mesh needs).
+  return config

@@ -1,0 +1,17 @@
+"""Data parallel 2 x spatial parallel 4: each crop's depth (z) split over 4 devices.
+
+GSPMD inserts the halo exchange the convolutions need. Useful when one crop's activations do not
+fit a device (large crops, wide models).
+
+  python -m jaxmed.main --config=configs/spatial_2x4.py
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.name = 'spatial_2x4'
+  config.mesh.ici_data = 2
+  config.mesh.ici_spatial = 4
+  return config

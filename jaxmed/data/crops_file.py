@@ -1,0 +1,80 @@
+"""The HDF5 crops file, schema version 1: its layout, and the check every reader runs first.
+
+Layout (N candidates, crops stored as cubes of edge S voxels at `spacing_mm` isotropic):
+  crops         int16   (N, S, S, S)  HU, axes (z, y, x), one crop per chunk
+  label         uint8   (N,)          1 = nodule candidate (class 1 of candidates_V2.csv)
+  seriesuid     bytes   (N,)          the scan the candidate belongs to
+  subset        int8    (N,)          LUNA16 subset 0..9
+  center_world  float64 (N, 3)        candidate centre in world mm, (x, y, z)
+  diameter_mm   float32 (N,)          diameter of the matched nodule; 0 for negatives
+  exclude       bool    (N,)          negatives too close to a nodule (left out of training)
+Attributes: schema_version=1, spacing_mm, crop_shape, sources (JSON: file -> sha256),
+config (JSON of the config used).
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+
+from jaxmed.errors import UserError
+
+SCHEMA_VERSION = 1
+
+# name -> (dtype, shape after the leading N); crops' shape is checked against crop_shape.
+DATASETS = {
+    'crops': (np.int16, None),
+    'label': (np.uint8, ()),
+    'seriesuid': (None, ()),  # Fixed-length bytes; the length depends on the longest uid.
+    'subset': (np.int8, ()),
+    'center_world': (np.float64, (3,)),
+    'diameter_mm': (np.float32, ()),
+    'exclude': (np.bool_, ()),
+}
+ATTRIBUTES = ('schema_version', 'spacing_mm', 'crop_shape', 'sources', 'config')
+
+
+class CropsFileError(UserError, ValueError):
+  """A crops file that is missing or does not follow schema v1; the message says how to fix it."""
+
+
+def check_crops_file(path: str | os.PathLike, f: h5py.File | None = None) -> int:
+  """Checks that `path` is a complete schema-v1 crops file and returns its number of crops.
+
+  Raises CropsFileError with one line naming the problem and the fix.
+  """
+  path = os.fspath(path)
+  fix = 'rebuild it with: python -m jaxmed.main --mode=preprocess --config.data.overwrite=True'
+  if f is None:
+    if not os.path.exists(path):
+      raise CropsFileError(
+          f'crops file {path} does not exist: run python -m jaxmed.main --mode=preprocess '
+          '(or set --config.data.crops_file)')
+    try:
+      with h5py.File(path, 'r') as opened:
+        return check_crops_file(path, opened)
+    except OSError as e:
+      raise CropsFileError(f'crops file {path} is not a readable HDF5 file ({e}); {fix}') from None
+  version = f.attrs.get('schema_version')
+  if version != SCHEMA_VERSION:
+    raise CropsFileError(
+        f'crops file {path} has schema_version {version!r}, expected {SCHEMA_VERSION}; {fix}')
+  missing = [name for name in list(DATASETS) if name not in f]
+  missing += [f'@{name}' for name in ATTRIBUTES if name not in f.attrs]
+  if missing:
+    raise CropsFileError(f'crops file {path} lacks {", ".join(missing)}; {fix}')
+  n = f['crops'].shape[0]
+  crop_shape = tuple(int(s) for s in f.attrs['crop_shape'])
+  for name, (dtype, tail) in DATASETS.items():
+    ds = f[name]
+    want_shape = (n,) + (crop_shape if name == 'crops' else tail)
+    if ds.shape != want_shape:
+      raise CropsFileError(
+          f'crops file {path}: dataset {name} has shape {ds.shape}, expected {want_shape}; {fix}')
+    if dtype is not None and ds.dtype != np.dtype(dtype):
+      raise CropsFileError(
+          f'crops file {path}: dataset {name} has dtype {ds.dtype}, expected '
+          f'{np.dtype(dtype)}; {fix}')
+  return n

@@ -1,0 +1,52 @@
+"""jaxmed's one entry point.
+
+  python -m jaxmed.main --config=configs/mesh_2x4.py [--config.key=value ...] [--workdir=DIR]
+                        [--mode=train|eval|preprocess|synthesize]
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: workdirs/<config.name>).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'preprocess', 'synthesize'],
+                          'What to do.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join('workdirs', config.name)
+
+  # Before anything touches a JAX backend: device count and the other processes.
+  from jaxmed.parallel import distributed
+  from jaxmed.errors import UserError
+  try:
+    distributed.initialize(config)
+    if _MODE.value == 'synthesize':
+      from jaxmed.data import synthetic
+      synthetic.synthesize(config)
+    elif _MODE.value == 'preprocess':
+      from jaxmed.data import preprocess
+      preprocess.preprocess(config)
+    elif _MODE.value == 'train':
+      from jaxmed import train
+      train.train_and_evaluate(config, workdir)
+    elif _MODE.value == 'eval':
+      from jaxmed import evaluate
+      evaluate.evaluate(config, workdir)
+  except UserError as e:
+    # Errors a user can fix end in one line naming the cause and the fix, not a traceback.
+    logging.flush()
+    print(f'jaxmed: error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

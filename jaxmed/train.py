@@ -1,0 +1,339 @@
+"""train_and_evaluate(config, workdir): the whole training run, readable top to bottom.
+
+Sections: mesh / input / model & optimizer / shard & compile / restore / loop (update, log,
+evaluate, checkpoint, preemption, NaN guard).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from jaxmed import checkpointing
+from jaxmed import reporting
+from jaxmed.data import augment
+from jaxmed.data import pipeline
+from jaxmed.data import prepare
+from jaxmed.errors import UserError
+from jaxmed.evaluation import roc
+from jaxmed.models import create_model, count_params
+from jaxmed.parallel import mesh as mesh_lib
+from jaxmed.parallel import sharding as sharding_lib
+
+
+class NonFiniteLossError(UserError):
+  """Training produced NaN or Inf; the last good checkpoint is kept."""
+
+
+class TrainState(nnx.Module):
+  """The model and its optimizer as one NNX graph, so one split gives one state pytree."""
+
+  def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer):
+    self.model = model
+    self.optimizer = optimizer
+
+
+# ---- optimizer --------------------------------------------------------------------------------
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to the peak, then cosine decay to 1% of it at the last step."""
+  train = config.train
+  warmup = min(train.warmup_steps, max(train.steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train.learning_rate, warmup_steps=warmup,
+      decay_steps=max(train.steps, warmup + 1), end_value=train.learning_rate * 0.01)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW (decay on kernels only, not on BatchNorm scales or biases), with gradient clipping."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  adamw = optax.adamw(learning_rate_schedule(config), weight_decay=config.train.weight_decay,
+                      mask=decay_mask)
+  if config.train.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.train.grad_clip_norm), adamw)
+  return adamw
+
+
+def create_train_state(config: ml_collections.ConfigDict) -> TrainState:
+  model = create_model(config.model, rngs=nnx.Rngs(config.seed))
+  return TrainState(model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param))
+
+
+def init_sharded_state(config, mesh, rules) -> tuple[nnx.GraphDef, nnx.State, Any]:
+  """Builds the train state directly in its shardings: abstract -> shardings -> jit(init).
+
+  Returns (graphdef, state, state_shardings); no device ever holds the whole unsharded state
+  unless the rules say to replicate it.
+  """
+  with sharding_lib.use_rules(mesh, rules):
+    abstract = nnx.eval_shape(lambda: create_train_state(config))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = sharding_lib.state_shardings(abstract_state, mesh, rules)
+    init = jax.jit(lambda: nnx.split(create_train_state(config))[1], out_shardings=shardings)
+    state = init()
+  return graphdef, state, shardings
+
+
+# ---- the steps --------------------------------------------------------------------------------
+
+def bce_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """Mean sigmoid binary cross-entropy, in float32, optionally weighted (padding weight 0)."""
+  losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
+                                              labels.astype(jnp.float32))
+  if weights is None:
+    return losses.mean()
+  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
+               step: jax.Array, *, config: ml_collections.ConfigDict) -> tuple[nnx.State, dict]:
+  """One optimisation step on a global batch: augment on device, forward, backward, AdamW.
+
+  batch: crops int16 (B, S, S, S) HU, label int32 (B,), index int32 (B,) global example position.
+  """
+  data = config.data
+  images = augment.augment_crops(batch['crops'], batch['index'], config.seed, step, data.augment,
+                                 data.crop_size, data.hu_window)
+  ts = nnx.merge(graphdef, state)
+  ts.model.train()
+
+  def loss_fn(model):
+    loss = bce_loss(model(images), batch['label'])
+    if config.train.nan_at_step >= 0:  # Test hook: poison this one step; absent otherwise.
+      loss = loss * jnp.where(step == config.train.nan_at_step, jnp.nan, 1.0)
+    return loss
+
+  loss, grads = nnx.value_and_grad(loss_fn)(ts.model)
+  ts.optimizer.update(ts.model, grads)
+  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+             'learning_rate': learning_rate_schedule(config)(step)}
+  return nnx.state(ts), metrics
+
+
+def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], *,
+              config: ml_collections.ConfigDict) -> jax.Array:
+  """Probabilities (B,) float32 for the centre crops of an evaluation batch (running BN stats)."""
+  images = augment.center_crop_window(batch['crops'], config.data.crop_size, config.data.hu_window)
+  ts = nnx.merge(graphdef, state)
+  ts.model.eval()
+  return jax.nn.sigmoid(ts.model(images).astype(jnp.float32))
+
+
+def make_eval_fn(graphdef, state_shardings, mesh, rules, config) -> Callable:
+  """Jitted eval step: batch sharded over the batch axes, probabilities replicated to all hosts."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  fn = jax.jit(functools.partial(eval_step, graphdef, config=config),
+               in_shardings=(state_shardings, None), out_shardings=replicated)
+
+  def run(state, batch):
+    with sharding_lib.use_rules(mesh, rules):
+      return fn(state, batch)
+  return run
+
+
+def predict(eval_fn: Callable, state: nnx.State, config, subsets, batch_sharding) -> dict:
+  """Scores every example of `subsets` once; returns numpy row, label, probability (N,)."""
+  rows, labels, probs = [], [], []
+  iterator = pipeline.make_eval_iterator(config, subsets, batch_sharding)
+  try:
+    for batch in iterator:
+      p = np.asarray(eval_fn(state, batch))
+      mask = np.asarray(multihost_utils.process_allgather(batch['mask'], tiled=True))
+      rows.append(np.asarray(multihost_utils.process_allgather(batch['row'], tiled=True))[mask])
+      labels.append(
+          np.asarray(multihost_utils.process_allgather(batch['label'], tiled=True))[mask])
+      probs.append(p[mask])
+  finally:
+    if hasattr(iterator, 'close'):
+      iterator.close()
+  cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros((0,), dtype)
+  return {'row': cat(rows, np.int64), 'label': cat(labels, np.int32),
+          'probability': cat(probs, np.float32)}
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+  eps = 1e-7
+  p = np.clip(probs.astype(np.float64), eps, 1 - eps)
+  loss = -np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)) if len(p) else float('nan')
+  return {'loss': float(loss), 'auc': roc.roc_auc(labels, probs),
+          'accuracy': roc.accuracy(labels, probs), 'examples': int(len(labels))}
+
+
+# ---- preemption -------------------------------------------------------------------------------
+
+class PreemptionWatch:
+  """True once the job is asked to stop (SIGTERM, or JAX's multi-host preemption notice).
+
+  A second SIGTERM while the final checkpoint is written only sets the flag again, so it cannot
+  interrupt (and corrupt) the save.
+  """
+
+  def __init__(self):
+    self._requested = False
+    self._multi_host = jax.process_count() > 1
+    self._previous = None
+    if not self._multi_host:  # Multi-host: XLA's preemption notifier owns SIGTERM.
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self._requested = True
+
+  def should_stop(self, step: int) -> bool:
+    if self._multi_host:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._requested
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+  return {k: float(np.mean([float(h[k]) for h in history])) for k in history[0]}
+
+
+def _check_finite(step: int, metrics: dict[str, float], checkpointer) -> None:
+  bad = [k for k in ('loss', 'grad_norm') if not math.isfinite(float(metrics[k]))]
+  if bad:
+    checkpointer.wait()
+    last = checkpointer.latest_step()
+    raise NonFiniteLossError(
+        f'{" and ".join(bad)} became {float(metrics[bad[0]])} at step {step}; stopped without '
+        f'saving it (last good checkpoint: step {last}); lower --config.train.learning_rate, '
+        'check the data, or use --config.model.dtype=float32')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains config.train.steps steps (resuming from workdir if it holds checkpoints).
+
+  Returns the last validation metrics (loss, auc, accuracy) and the final step.
+  """
+  is_main = jax.process_index() == 0
+  writer = reporting.MetricWriter(workdir, enabled=is_main)
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ---- mesh
+  mesh = mesh_lib.create_mesh(config.mesh)
+  rules = tuple(tuple(r) for r in config.mesh.logical_rules)
+  mesh_lib.check_batch_divisible(config.train.global_batch_size, mesh, rules)
+  mesh_lib.check_batch_divisible(config.train.eval_batch_size, mesh, rules)
+  logging.info('mesh %s on %d devices (%s), %d process(es)', dict(mesh.shape), mesh.size,
+               jax.devices()[0].platform, jax.process_count())
+
+  # ---- input
+  prepare.ensure_crops_file(config)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules, ndim=1)
+
+  # ---- model & optimizer, created sharded
+  graphdef, state, state_shardings = init_sharded_state(config, mesh, rules)
+  n_params = count_params(nnx.merge(graphdef, state).model)
+  logging.info('model %s depth %s width %s: %.2fM parameters', config.model.name,
+               config.model.depth, config.model.width, n_params / 1e6)
+
+  # ---- restore (same command, same workdir: continue from the latest complete step)
+  checkpointer = checkpointing.Checkpointer(workdir, config)
+  start_step = 0
+  if checkpointer.latest_step() is not None:
+    pure, start_step = checkpointer.restore(
+        checkpointing.abstract_like(state.to_pure_dict()))
+    nnx.replace_by_pure_dict(state, pure)
+    logging.info('resumed from step %d of %s', start_step, checkpointer.directory)
+
+  # ---- shard & compile the step ahead of time; report its memory
+  step_fn = jax.jit(functools.partial(train_step, graphdef, config=config),
+                    in_shardings=(state_shardings, None, None),
+                    out_shardings=(state_shardings, None), donate_argnums=(0,))
+  train_iter = pipeline.make_train_iterator(config, batch_sharding, start_step)
+  eval_fn = make_eval_fn(graphdef, state_shardings, mesh, rules, config)
+  watch = PreemptionWatch()
+  progress = reporting.Progress(config.train.steps, config.train.global_batch_size, is_main)
+  val_metrics: dict[str, Any] = {}
+  step = start_step
+  try:
+    batch = next(train_iter) if start_step < config.train.steps else None
+    if batch is not None:
+      with sharding_lib.use_rules(mesh, rules):
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch, jnp.int32(start_step)).compile()
+        logging.info('compiled the train step in %.1f s; per-device memory: %s',
+                     time.perf_counter() - t0, _memory_summary(compiled))
+
+    # ---- loop
+    history = []
+    progress.start(step)
+    while step < config.train.steps:
+      with sharding_lib.use_rules(mesh, rules):
+        state, metrics = compiled(state, batch, jnp.int32(step))
+      # Waiting on each step's scalars keeps multi-host collectives from piling up (FACTS.md)
+      # and lets the NaN guard stop before a bad state is ever checkpointed.
+      metrics = jax.device_get(metrics)
+      _check_finite(step, metrics, checkpointer)
+      history.append(metrics)
+      step += 1
+      if step < config.train.steps:
+        batch = next(train_iter)
+
+      if step % config.train.log_every_steps == 0 or step == config.train.steps:
+        mean = _mean_metrics(history)
+        history = []
+        rates = progress.report(step, {'loss': mean['loss'], 'lr': mean['learning_rate']})
+        writer.write(step, 'train', {**mean, **rates})
+
+      every = config.train.eval_every_steps
+      if step == config.train.steps or (every and step % every == 0):
+        val_metrics = evaluate_split(eval_fn, state, config, config.data.val_subsets,
+                                     batch_sharding)
+        writer.write(step, 'val', val_metrics)
+        logging.info('validation at step %d: %s', step,
+                     ' '.join(f'{k} {v:.4g}' for k, v in val_metrics.items()))
+        progress.start(step)  # Evaluation time is not training time.
+
+      if step % config.checkpoint.every_steps == 0 or step == config.train.steps:
+        checkpointer.save(step, state.to_pure_dict())
+      if watch.should_stop(step):
+        checkpointer.save(step, state.to_pure_dict())
+        checkpointer.wait()
+        logging.warning('stop requested (SIGTERM / preemption): saved step %d to %s; run the '
+                        'same command to resume', step, checkpointer.directory)
+        break
+  finally:
+    watch.close()
+    if hasattr(train_iter, 'close'):
+      train_iter.close()
+    checkpointer.close()
+    writer.close()
+  return {'step': step, **val_metrics}
+
+
+def evaluate_split(eval_fn, state, config, subsets, batch_sharding) -> dict[str, float]:
+  scores = predict(eval_fn, state, config, subsets, batch_sharding)
+  return classification_metrics(scores['label'], scores['probability'])
+
+
+def _memory_summary(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+    gib = lambda b: f'{b / 2**30:.2f} GiB'
+    return (f'arguments {gib(m.argument_size_in_bytes)}, outputs {gib(m.output_size_in_bytes)}, '
+            f'temporaries {gib(m.temp_size_in_bytes)}')
+  except Exception:  # Not every backend reports it.
+    return 'not reported by this backend'
