@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.crop_size = 16  # Edge of the cube the model sees, voxels (<= stored_crop_size).
   data.negatives_per_scan = -1  # Negatives kept per scan: -1 = all, else a deterministic cap.
   data.exclude_radius_mm = 0.0  # Negatives closer than this to a nodule centre: 0 = half a crop.
-  data.preprocess_workers = 2  # Worker processes for preprocessing (one scan each at a time).
+  data.preprocess_workers = 2  # Worker processes for preprocessing, one scan each (0 = in-process).
   data.train_subsets = (0, 1, 2, 3, 4, 5, 6, 7)  # LUNA subsets used for training.
   data.val_subsets = (8,)  # Subsets for periodic validation during training.
   data.test_subsets = (9,)  # Subsets scored by --mode=eval.
@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.stem_kernel = 7  # ResNet stem kernel edge (the seed: 7, stride 2).
   model.stem_stride = 2  # ResNet stem stride.
   model.stem_pool = True  # ResNet 3^3 max-pool stride 2 after the stem.
+  # ResNet strided convs as space-to-depth + stride-1 convs, same math and parameters:
+  # 'none', 'stem' (the 1-channel stem) or 'all' (also stride-2 block convs and projections).
+  model.space_to_depth = 'none'
   model.dtype = 'bfloat16'  # Compute dtype of activations: 'float32' or 'bfloat16'.
   model.param_dtype = 'float32'  # Dtype parameters are stored and updated in.
 

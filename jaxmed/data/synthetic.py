@@ -1,0 +1,394 @@
+"""Synthetic CT scans in the LUNA16 format, with nodules at known world coordinates.
+
+`synthesize(config)` writes `raw_dir/subset<k>/<seriesuid>.mhd/.raw` (int16 HU, through
+SimpleITK) plus annotations.csv and candidates_V2.csv, so the whole pipeline runs offline on data
+whose truth is known. Each scan: air outside a body ellipse, soft tissue, two lungs, branching
+vessel-like tubes in the lungs, and solid ellipsoid nodules (some touching the lung wall). Scans
+vary in in-plane spacing (0.5-0.9 mm), slice spacing (0.6-2.5 mm), origin and direction (some
+have flipped axes). Candidates: jittered positives at every nodule, negatives on vessels (hard),
+in the lungs and in the body.
+
+The phantom is defined in world mm (x, y, z) and evaluated on the scan's voxel grid, so the CSV
+coordinates are right whatever the direction. Same `synthetic.seed` -> byte-identical files.
+This module imports no JAX.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+import SimpleITK as sitk
+from absl import logging
+
+from jaxmed.data import luna16
+
+UID_PREFIX = '1.3.6.1.4.1.14519.5.2.1.6279.6001.'
+MARKER = 'SYNTHETIC.json'  # Marks a raw_dir written by synthesize (and lists its files).
+# Cycled over scans: identity, and the flips met in LUNA16 (z reversed; x and y reversed).
+DIRECTION_SIGNS = ((1, 1, 1), (1, 1, -1), (1, 1, 1), (-1, -1, 1))
+AIR_HU, BODY_HU, LUNG_HU = -1000, 40, -850
+NOISE_HU = 20.0  # Standard deviation of the Gaussian noise added everywhere.
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanSpec:
+  """One scan to generate: identity, grid (x, y, z order) and its own random seed."""
+  index: int
+  seriesuid: str
+  subset: int
+  shape_xyz: tuple[int, int, int]
+  spacing_xyz: tuple[float, float, float]
+  direction_signs: tuple[int, int, int]
+  seed: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class _Grid:
+  """The canonical grid: world coordinate of every index along x, y, z (increasing)."""
+  xs: np.ndarray
+  ys: np.ndarray
+  zs: np.ndarray
+  low: np.ndarray  # World (x, y, z) of voxel (0, 0, 0) of the canonical array.
+  spacing: np.ndarray
+
+  def box(self, low_xyz, high_xyz):
+    """Index slices (z, y, x) of the canonical array covering the world box, and its coords."""
+    lo = np.maximum(np.floor((np.asarray(low_xyz) - self.low) / self.spacing), 0).astype(int)
+    hi = np.ceil((np.asarray(high_xyz) - self.low) / self.spacing).astype(int) + 1
+    hi = np.minimum(hi, [len(self.xs), len(self.ys), len(self.zs)])
+    if np.any(hi <= lo):
+      return None
+    slices = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+    coords = (self.xs[lo[0]:hi[0]][None, None, :], self.ys[lo[1]:hi[1]][None, :, None],
+              self.zs[lo[2]:hi[2]][:, None, None])
+    return slices, coords
+
+
+@dataclasses.dataclass
+class _Ellipsoid:
+  center: np.ndarray  # World (x, y, z) mm.
+  axes: np.ndarray  # Semi-axes, mm.
+
+  def inside(self, points_xyz, shrink=1.0):
+    return np.sum(((np.asarray(points_xyz) - self.center) / (self.axes * shrink)) ** 2, -1) <= 1
+
+  def mask(self, coords):
+    x, y, z = coords
+    c, a = self.center, self.axes
+    return ((x - c[0]) / a[0]) ** 2 + ((y - c[1]) / a[1]) ** 2 + ((z - c[2]) / a[2]) ** 2 <= 1
+
+
+def _unit(v):
+  return v / np.linalg.norm(v)
+
+
+def _random_uid(rng, taken):
+  while True:
+    uid = UID_PREFIX + str(rng.integers(1, 10)) + ''.join(map(str, rng.integers(0, 10, 29)))
+    if uid not in taken:
+      return uid
+
+
+def scan_specs(synthetic) -> list[ScanSpec]:
+  """The scans `config.data.synthetic` describes, each with its own seed."""
+  rng = np.random.default_rng([synthetic.seed, 0])
+  specs, taken = [], set()
+  for index in range(synthetic.num_scans):
+    uid = _random_uid(rng, taken)
+    taken.add(uid)
+    in_plane = float(np.round(rng.uniform(0.5, 0.9), 4))
+    slice_mm = float(np.round(rng.uniform(0.6, 2.5), 4))
+    specs.append(ScanSpec(index, uid, index % synthetic.num_subsets,
+                          tuple(int(n) for n in synthetic.shape_xyz),
+                          (in_plane, in_plane, slice_mm),
+                          DIRECTION_SIGNS[index % len(DIRECTION_SIGNS)],
+                          (int(synthetic.seed), 1, index)))
+  return specs
+
+
+# ---- anatomy --------------------------------------------------------------------------------
+
+def _vessel_segments(rng, lung: _Ellipsoid, medial_sign: float):
+  """Branching, curving tubes from the hilum: list of (p0, p1, radius_mm), in world mm."""
+  scale = float(np.min(lung.axes))
+  r_start_max = float(np.clip(0.15 * scale, 1.2, 4.0))
+  n_trees = int(np.clip(np.prod(lung.axes) / 2500.0, 4, 24))
+  segments = []
+  for _ in range(n_trees):
+    hilum = lung.center + lung.axes * np.array(
+        [medial_sign * 0.55, rng.uniform(-0.3, 0.3), rng.uniform(-0.35, 0.35)])
+    heading = _unit(np.array([-medial_sign, 0.0, 0.0]) + rng.normal(0, 0.6, 3))
+    stack = [(hilum, heading, rng.uniform(0.7, 1.0) * r_start_max, 0)]
+    while stack:
+      point, heading, radius, depth = stack.pop()
+      for _ in range(40):
+        heading = _unit(heading + rng.normal(0, 0.25, 3))
+        step = radius * rng.uniform(2.0, 3.5) + 1.5
+        nxt = point + heading * step
+        if not lung.inside(nxt, shrink=0.93):
+          break
+        segments.append((point, nxt, radius))
+        point, radius = nxt, radius * 0.92
+        if radius < 1.0:
+          break
+        if depth < 4 and rng.random() < 0.35:
+          stack.append((point, _unit(heading + rng.normal(0, 0.8, 3)), radius * 0.85, depth + 1))
+  return segments
+
+
+def _paint_segment(volume, grid: _Grid, p0, p1, radius, hu, lungs):
+  """Sets voxels within `radius` of segment p0-p1 that lie in a lung to `hu`."""
+  found = grid.box(np.minimum(p0, p1) - radius, np.maximum(p0, p1) + radius)
+  if found is None:
+    return
+  slices, (x, y, z) = found
+  d = p1 - p0
+  t = ((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / max(float(d @ d), 1e-9)
+  t = np.clip(t, 0.0, 1.0)
+  dist2 = (x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2
+  in_lung = lungs[0].mask((x, y, z)) | lungs[1].mask((x, y, z))
+  volume[slices][(dist2 <= radius * radius) & in_lung] = hu
+
+
+def _place_nodules(rng, lungs, synthetic, count):
+  """Nodule centres (world mm), diameters, semi-axes, rotations; some touch the lung wall."""
+  d_min, d_max = (float(v) for v in synthetic.nodule_diameter_mm)
+  nodules, clamped = [], 0
+  for _ in range(count):
+    lung = lungs[rng.integers(0, 2)]
+    diameter = float(np.exp(rng.uniform(np.log(d_min), np.log(d_max))))
+    cap = 1.2 * float(np.min(lung.axes))  # A nodule must fit in a lung (small test scans).
+    if diameter > cap:
+      diameter, clamped = cap, clamped + 1
+    radius = diameter / 2
+    axes = radius * rng.uniform(0.85, 1.15, 3)
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    rotation = q * np.sign(np.diag(r))
+    for _ in range(50):
+      if rng.random() < 0.3:  # Juxtapleural: centre 0.8 radius inside the lung wall.
+        u = _unit(rng.normal(size=3))
+        surface = lung.center + u * lung.axes
+        inward = -_unit(u / lung.axes)
+        center = surface + inward * 0.8 * radius
+      else:
+        room = np.maximum(lung.axes - radius - 1.0, 0.5)
+        u = _unit(rng.normal(size=3)) * rng.uniform(0, 1) ** (1 / 3)
+        center = lung.center + u * room
+      if all(np.linalg.norm(center - n['center']) > radius + n['diameter'] / 2 + 3.0
+             for n in nodules):
+        break
+    nodules.append({'center': center, 'diameter': diameter, 'axes': axes,
+                    'rotation': rotation, 'hu': int(rng.integers(0, 61))})
+  return nodules, clamped
+
+
+def _paint_nodule(volume, grid: _Grid, nodule):
+  reach = float(np.max(nodule['axes']))
+  c = nodule['center']
+  found = grid.box(c - reach, c + reach)
+  if found is None:
+    return
+  slices, (x, y, z) = found
+  dx, dy, dz = x - c[0], y - c[1], z - c[2]
+  rot, axes = nodule['rotation'], nodule['axes']
+  inside = np.zeros(np.broadcast_shapes(dx.shape, dy.shape, dz.shape), bool)
+  total = 0.0
+  for k in range(3):  # Coordinates along the nodule's own axes: rot.T @ (p - c).
+    along = rot[0, k] * dx + rot[1, k] * dy + rot[2, k] * dz
+    total = total + (along / axes[k]) ** 2
+  inside |= total <= 1.0
+  volume[slices][inside] = nodule['hu']
+
+
+def _make_scan(spec: ScanSpec, synthetic):
+  """Builds one scan. Returns (image, nodules, candidate rows [(x, y, z, class)], clamped)."""
+  rng = np.random.default_rng(list(spec.seed))
+  shape = np.asarray(spec.shape_xyz)
+  spacing = np.asarray(spec.spacing_xyz, np.float64)
+  extent = (shape - 1) * spacing
+  center = np.array([rng.uniform(-30, 30), rng.uniform(-60, 60), rng.uniform(-350, -100)])
+  low = np.round(center - extent / 2, 3)
+  grid = _Grid(*(low[a] + np.arange(shape[a]) * spacing[a] for a in range(3)), low, spacing)
+
+  # Body (an elliptic cylinder along z), then the two lungs: int16 HU, canonical (z, y, x).
+  half = extent / 2
+  body_axes = np.array([0.92 * half[0], 0.72 * half[1]])
+  body2d = (((grid.xs[None, :] - center[0]) / body_axes[0]) ** 2 +
+            ((grid.ys[:, None] - center[1]) / body_axes[1]) ** 2) <= 1
+  volume = np.empty(tuple(shape[::-1]), np.int16)
+  volume[:] = np.where(body2d, BODY_HU, AIR_HU).astype(np.int16)[None]
+  lungs = []
+  for side in (-1.0, 1.0):
+    lung = _Ellipsoid(center + np.array([side * 0.47 * body_axes[0], -0.05 * body_axes[1], 0.0]),
+                      np.array([0.36 * body_axes[0], 0.68 * body_axes[1], 0.44 * extent[2]]))
+    slices, coords = grid.box(lung.center - lung.axes, lung.center + lung.axes)
+    volume[slices][lung.mask(coords)] = LUNG_HU
+    lungs.append(lung)
+
+  vessel_points = []  # (point, radius): where hard negatives go.
+  for lung, side in zip(lungs, (-1.0, 1.0)):
+    for p0, p1, radius in _vessel_segments(rng, lung, medial_sign=-side):
+      _paint_segment(volume, grid, p0, p1, radius, int(rng.integers(40, 101)), lungs)
+      vessel_points.append((0.5 * (p0 + p1), radius))
+
+  low_n, high_n = (int(v) for v in synthetic.nodules_per_scan)
+  nodules, clamped = _place_nodules(rng, lungs, synthetic, int(rng.integers(low_n, high_n + 1)))
+  for nodule in nodules:
+    _paint_nodule(volume, grid, nodule)
+
+  # Noise, slab by slab to bound memory on LUNA16-sized scans.
+  for z0 in range(0, volume.shape[0], 32):
+    slab = volume[z0:z0 + 32]
+    noise = rng.standard_normal(slab.shape, dtype=np.float32) * NOISE_HU
+    slab[...] = np.clip(slab + np.rint(noise), -1024, 3071).astype(np.int16)
+
+  rows = _candidates(rng, synthetic, nodules, lungs, vessel_points, center, body_axes, grid)
+
+  # Store in the scan's own direction: a flipped axis runs from the high world end.
+  signs = np.asarray(spec.direction_signs)
+  flip_axes = tuple(2 - a for a in range(3) if signs[a] < 0)  # numpy axis of x is 2.
+  stored = np.ascontiguousarray(np.flip(volume, axis=flip_axes) if flip_axes else volume)
+  image = sitk.GetImageFromArray(stored)
+  image.SetSpacing([float(v) for v in spacing])
+  image.SetOrigin([float(v) for v in np.where(signs < 0, low + extent, low)])
+  image.SetDirection([float(v) for v in np.diag(signs.astype(np.float64)).ravel()])
+  return image, nodules, rows, clamped
+
+
+def _candidates(rng, synthetic, nodules, lungs, vessel_points, center, body_axes, grid):
+  """Candidate rows (x, y, z, class) in world mm, shuffled."""
+  rows = []
+  low_p, high_p = (int(v) for v in synthetic.positives_per_nodule)
+  for nodule in nodules:
+    for _ in range(int(rng.integers(low_p, high_p + 1))):
+      jitter = _unit(rng.normal(size=3)) * rng.uniform(0, min(0.25 * nodule['diameter'], 2.5))
+      rows.append((*(nodule['center'] + jitter), 1))
+
+  def far_from_nodules(p):
+    return all(np.linalg.norm(p - n['center']) > n['diameter'] / 2 + 4.0 for n in nodules)
+
+  n_neg = int(synthetic.negatives_per_scan)
+  n_vessel, n_lung = n_neg // 3, n_neg // 3
+  n_body = n_neg - n_vessel - n_lung
+  vessel_pool = [(p, r) for p, r in vessel_points if far_from_nodules(p)]
+  if vessel_pool:  # Thicker vessels are likelier: they look most like nodules in a crop.
+    weights = np.array([r for _, r in vessel_pool]) ** 2
+    picks = rng.choice(len(vessel_pool), size=n_vessel, p=weights / weights.sum())
+    for i in picks:
+      rows.append((*(vessel_pool[i][0] + rng.normal(0, 0.5, 3)), 0))
+  else:
+    n_lung += n_vessel
+  for count, region in ((n_lung, 'lung'), (n_body, 'body')):
+    made = 0
+    for _ in range(count * 50):
+      if made == count:
+        break
+      if region == 'lung':
+        lung = lungs[rng.integers(0, 2)]
+        p = lung.center + _unit(rng.normal(size=3)) * rng.uniform(0, 1) ** (1 / 3) * lung.axes
+      else:
+        p = np.array([rng.uniform(grid.xs[0], grid.xs[-1]), rng.uniform(grid.ys[0], grid.ys[-1]),
+                      rng.uniform(grid.zs[0], grid.zs[-1])])
+        if ((p[0] - center[0]) / body_axes[0]) ** 2 + ((p[1] - center[1]) / body_axes[1]) ** 2 > 1:
+          continue
+      if far_from_nodules(p):
+        rows.append((*p, 0))
+        made += 1
+  order = rng.permutation(len(rows))
+  return [rows[i] for i in order]
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+def _fmt(value: float) -> str:
+  return f'{value:.4f}'
+
+
+def write_dataset(raw_dir: str, specs: list[ScanSpec], synthetic,
+                  candidates_csv: str, annotations_csv: str) -> dict:
+  """Writes the scans of `specs` and the two CSVs (written last: their presence = complete)."""
+  start = time.perf_counter()
+  annotation_rows, candidate_rows, files, clamped_total = [], [], [], 0
+  for spec in specs:
+    image, nodules, rows, clamped = _make_scan(spec, synthetic)
+    folder = os.path.join(raw_dir, f'subset{spec.subset}')
+    os.makedirs(folder, exist_ok=True)
+    sitk.WriteImage(image, os.path.join(folder, spec.seriesuid + '.mhd'), False)
+    files += [f'subset{spec.subset}/{spec.seriesuid}.{ext}' for ext in ('mhd', 'raw')]
+    clamped_total += clamped
+    for n in nodules:
+      annotation_rows.append([spec.seriesuid, *map(_fmt, n['center']), _fmt(n['diameter'])])
+    for x, y, z, cls in rows:
+      candidate_rows.append([spec.seriesuid, _fmt(x), _fmt(y), _fmt(z), str(cls)])
+    logging.info('synthesize: scan %d/%d subset%d %s: %s voxels, spacing %s mm, %d nodules',
+                 spec.index + 1, len(specs), spec.subset, spec.seriesuid,
+                 'x'.join(map(str, spec.shape_xyz)), spec.spacing_xyz, len(nodules))
+  for path, header, rows in ((annotations_csv, luna16.ANNOTATION_COLUMNS, annotation_rows),
+                             (candidates_csv, luna16.CANDIDATE_COLUMNS, candidate_rows)):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.partial', 'w', newline='') as f:
+      writer = csv.writer(f, lineterminator='\n')
+      writer.writerow(header)
+      writer.writerows(rows)
+    os.replace(path + '.partial', path)
+  positives = sum(1 for row in candidate_rows if row[-1] == '1')
+  return {'raw_dir': raw_dir, 'scans': len(specs), 'nodules': len(annotation_rows),
+          'candidates': len(candidate_rows), 'positives': positives,
+          'nodules_clamped_to_lung': clamped_total, 'files': files,
+          'seconds': time.perf_counter() - start}
+
+
+def synthesize(config) -> dict:
+  """Writes `config.data.synthetic.num_scans` LUNA16-format scans and the two CSVs to raw_dir.
+
+  Refuses (DataError) if raw_dir already holds a complete dataset, unless
+  config.data.overwrite; never overwrites a dataset it did not write. Returns a summary dict.
+  """
+  data, synthetic = config.data, config.data.synthetic
+  raw_dir = data.raw_dir
+  candidates_csv = luna16.resolve(raw_dir, data.candidates_csv)
+  annotations_csv = luna16.resolve(raw_dir, data.annotations_csv)
+  marker = os.path.join(raw_dir, MARKER)
+  complete = os.path.isfile(candidates_csv) and os.path.isfile(annotations_csv)
+  has_scans = bool(luna16.find_scans(raw_dir)) if os.path.isdir(raw_dir) else False
+  if (complete or has_scans) and not os.path.isfile(marker):
+    raise luna16.DataError(
+        f'raw folder {raw_dir} holds scans or CSVs not written by synthesize; refusing to '
+        'write synthetic scans there: choose another --config.data.raw_dir')
+  if complete and not data.overwrite:
+    raise luna16.DataError(
+        f'raw folder {raw_dir} already holds a complete synthetic dataset ({candidates_csv}); '
+        'pass --config.data.overwrite=True to replace it')
+  if os.path.isfile(marker):  # Remove the previous synthetic dataset's files, CSVs first.
+    with open(marker) as f:
+      old_files = json.load(f).get('files', [])
+    for path in [candidates_csv, annotations_csv] + [os.path.join(raw_dir, p) for p in old_files]:
+      if os.path.isfile(path):
+        os.remove(path)
+  if not (int(synthetic.num_scans) > 0 and int(synthetic.num_subsets) > 0):
+    raise luna16.DataError('synthetic.num_scans and synthetic.num_subsets must be > 0; set '
+                           '--config.data.synthetic.num_scans / num_subsets')
+  if float(synthetic.nodule_diameter_mm[0]) <= 0:
+    raise luna16.DataError('synthetic.nodule_diameter_mm must be positive; set '
+                           '--config.data.synthetic.nodule_diameter_mm')
+  specs = scan_specs(synthetic)
+  os.makedirs(raw_dir, exist_ok=True)
+  files = [f'subset{s.subset}/{s.seriesuid}.{ext}' for s in specs for ext in ('mhd', 'raw')]
+  with open(marker, 'w') as f:  # First, so a half-written dataset is known to be ours.
+    json.dump({'files': files, 'synthetic': synthetic.to_dict()}, f, indent=1, sort_keys=True)
+    f.write('\n')
+  summary = write_dataset(raw_dir, specs, synthetic, candidates_csv, annotations_csv)
+  summary.pop('files')
+  logging.info('synthesize: wrote %d scans, %d nodules, %d candidates (%d positive) to %s in '
+               '%.1f s', summary['scans'], summary['nodules'], summary['candidates'],
+               summary['positives'], raw_dir, summary['seconds'])
+  if summary['nodules_clamped_to_lung']:
+    logging.info('synthesize: %d nodule diameters were clamped to fit the lungs of these small '
+                 'scans (raise synthetic.shape_xyz to avoid it)',
+                 summary['nodules_clamped_to_lung'])
+  return summary
