@@ -1,0 +1,56 @@
+"""Models, one file per family, picked by config.model.name."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmed.models.cnn3d import CNN3D
+from jaxmed.models.resnet3d import ResNet3D
+
+MODEL_NAMES = ('resnet3d', 'cnn3d')
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def _dtype(model_config: Any, key: str) -> jnp.dtype:
+  name = model_config[key]
+  if name not in _DTYPES:
+    raise ValueError(
+        f'config.model.{key}={name!r} is not a dtype jaxmed knows; set it to one of '
+        f'{", ".join(_DTYPES)}')
+  return _DTYPES[name]
+
+
+def create_model(model_config: Any, *, rngs: nnx.Rngs) -> nnx.Module:
+  """The model config.model describes, in training mode (BatchNorm uses batch statistics).
+
+  model_config: config.model (name, depth, width, stem_kernel, stem_stride, stem_pool, dtype,
+  param_dtype). The model maps crops (B, D, H, W, 1) float in [0, 1] to logits (B,) float32.
+  Raises ValueError (one line) for an unknown name.
+  """
+  name = model_config['name']
+  dtypes = dict(dtype=_dtype(model_config, 'dtype'),
+                param_dtype=_dtype(model_config, 'param_dtype'))
+  if name == 'resnet3d':
+    return ResNet3D(
+        depth=model_config['depth'], width=model_config['width'],
+        stem_kernel=model_config['stem_kernel'], stem_stride=model_config['stem_stride'],
+        stem_pool=model_config['stem_pool'],
+        space_to_depth=model_config.get('space_to_depth', 'none'), **dtypes, rngs=rngs)
+  if name == 'cnn3d':
+    return CNN3D(width=model_config['width'], **dtypes, rngs=rngs)
+  raise ValueError(
+      f'unknown model {name!r}; set --config.model.name to one of: {", ".join(MODEL_NAMES)}')
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable parameters (nnx.Param elements; batch statistics excluded).
+
+  Works on a concrete model or an abstract one from nnx.eval_shape.
+  """
+  params = nnx.state(model, nnx.Param)
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

@@ -1,0 +1,16 @@
+"""Parallelism: the device mesh (mesh.py) and logical-axis -> mesh placement (sharding.py)."""
+
+from jaxmed.parallel.mesh import MESH_AXES, MeshError, check_batch_divisible, create_mesh
+from jaxmed.parallel.sharding import (
+    batch_sharding,
+    constrain,
+    logical_sharding,
+    logical_to_spec,
+    state_shardings,
+    use_rules,
+)
+
+__all__ = [
+    'MESH_AXES', 'MeshError', 'batch_sharding', 'check_batch_divisible', 'constrain',
+    'create_mesh', 'logical_sharding', 'logical_to_spec', 'state_shardings', 'use_rules',
+]

@@ -1,0 +1,239 @@
+"""The seed's 3D ResNet (pre-activation basic blocks), in Flax NNX.
+
+Input crops (B, D, H, W, 1) float in [0, 1] -> logits (B,) float32.
+
+  stem:   conv k^3 stride s (default 7^3 / 2) -> BN -> ReLU -> [max-pool 3^3 stride 2]
+  stages: 4 stages of pre-activation basic blocks, filters width x (1, 2, 4, 8),
+          stride 2 at the start of stages 2..4, 1x1x1 projection shortcut where shape changes
+  head:   BN -> ReLU -> global average pool -> dense -> one logit
+
+Parameters and activations carry logical axis names only (see jaxmed.parallel.sharding):
+  conv kernel (kd, kh, kw, cin, cout): ('kernel_spatial',) * 3 + ('conv_in', 'conv_out')
+  batch-norm scale / bias / mean / var (C,): ('channels',)
+  dense kernel (F, 1): ('features', None); dense bias (1,): (None,)
+  activations (B, D, H, W, C): ('batch', 'depth', 'height', 'width', 'channels')
+BatchNorm statistics are float32 means over batch and space; under jit with a batch-sharded
+input they are global-batch statistics (GSPMD inserts the all-reduce), so every mesh computes
+the same numbers. `model.train()` / `model.eval()` switch between batch statistics and the
+running averages.
+
+space_to_depth ('none' | 'stem' | 'all', default 'none') rewrites strided convolutions into
+the same function with the same parameters (see strided_conv): 'stem' the k^3 stride-s stem,
+'all' also the 3^3 stride-2 block convolutions and the 1x1x1 stride-2 projections. It changes
+how XLA computes, not what: outputs agree with 'none' to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmed.parallel.sharding import constrain
+
+ACTIVATION_AXES = ('batch', 'depth', 'height', 'width', 'channels')
+CONV_KERNEL_AXES = ('kernel_spatial',) * 3 + ('conv_in', 'conv_out')
+CHANNEL_AXES = ('channels',)
+STAGE_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+STAGE_MULTIPLIERS = (1, 2, 4, 8)
+
+
+def _logical(init, axes):
+  # Logical names only; placement happens from state_shardings via jit(init, out_shardings),
+  # so construction never needs a mesh (eager_sharding off) and works in plain tests.
+  return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def conv3d(in_channels: int, out_channels: int, kernel: int, stride: int = 1, *,
+           dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Conv:
+  """k^3 convolution, SAME padding, no bias (a batch norm or a residual sum follows)."""
+  return nnx.Conv(
+      in_channels, out_channels, (kernel,) * 3, (stride,) * 3, padding='SAME', use_bias=False,
+      dtype=dtype, param_dtype=param_dtype,
+      kernel_init=_logical(nnx.initializers.he_normal(), CONV_KERNEL_AXES), rngs=rngs)
+
+
+def batch_norm(channels: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs) -> nnx.BatchNorm:
+  """BatchNorm over (B, D, H, W) with float32 statistics; every variable named ('channels',)."""
+  bn = nnx.BatchNorm(
+      channels, use_running_average=False, momentum=0.99, epsilon=1e-5, dtype=dtype,
+      param_dtype=param_dtype,
+      scale_init=_logical(nnx.initializers.ones, CHANNEL_AXES),
+      bias_init=_logical(nnx.initializers.zeros, CHANNEL_AXES), rngs=rngs)
+  bn.mean.set_metadata(out_sharding=CHANNEL_AXES)
+  bn.var.set_metadata(out_sharding=CHANNEL_AXES)
+  return bn
+
+
+# ---- space-to-depth: strided convolutions as stride-1 convolutions (same math) ----------------
+
+SPACE_TO_DEPTH_MODES = ('none', 'stem', 'all')
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """(low, high) zero padding of XLA/Flax 'SAME' for one spatial axis: output ceil(size/stride)."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def space_to_depth(x: jax.Array, block: int) -> jax.Array:
+  """(B, D, H, W, C) -> (B, D/b, H/b, W/b, b^3 C); channels ordered (r_d, r_h, r_w, c)."""
+  b = block
+  n, d, h, w, c = x.shape
+  x = x.reshape(n, d // b, b, h // b, b, w // b, b, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+  return x.reshape(n, d // b, h // b, w // b, b**3 * c)
+
+
+def space_to_depth_kernel(kernel: jax.Array, block: int) -> jax.Array:
+  """(k, k, k, Cin, Cout) stride-b kernel -> (t, t, t, b^3 Cin, Cout), t = ceil(k / b).
+
+  Tap k_i = b * u + r moves to spatial tap u, channel block r; taps past k are zero.
+  """
+  b = block
+  k = kernel.shape[:3]
+  t = [-(-ki // b) for ki in k]
+  cin, cout = kernel.shape[3:]
+  kernel = jnp.pad(kernel, [(0, ti * b - ki) for ti, ki in zip(t, k)] + [(0, 0), (0, 0)])
+  kernel = kernel.reshape(t[0], b, t[1], b, t[2], b, cin, cout)
+  kernel = kernel.transpose(0, 2, 4, 1, 3, 5, 6, 7)
+  return kernel.reshape(t[0], t[1], t[2], b**3 * cin, cout)
+
+
+def strided_conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+  """conv(x) for a bias-free 'SAME' nnx.Conv of equal strides s > 1, without a strided conv.
+
+  k = 1: subsample x[::s] then a 1x1x1 convolution. k > 1: pad as 'SAME' would (plus zeros up
+  to a multiple of s), space-to-depth by s, then a stride-1 'VALID' convolution with the kernel
+  rearranged by space_to_depth_kernel (zero taps where k is not a multiple of s). Every output
+  is the same sum of the same products as conv(x), so results agree to float rounding; the
+  parameters are conv's own. Why: a stem with one input channel becomes an s^3-channel
+  convolution (tensor-core friendly), and on XLA:CPU the input gradient of a strided conv3d is
+  ~100x slower than that of a stride-1 one (FACTS.md).
+  """
+  strides = tuple(conv.strides) if not isinstance(conv.strides, int) else (conv.strides,) * 3
+  s = strides[0]
+  if conv.use_bias or len(set(strides)) != 1 or s == 1 or conv.padding != 'SAME':
+    return conv(x)
+  kernel = conv.kernel[...]
+  x, kernel = x.astype(conv.dtype or x.dtype), kernel.astype(conv.dtype or kernel.dtype)
+  if all(k == 1 for k in conv.kernel_size):
+    x = x[:, ::s, ::s, ::s]
+  else:
+    pads = []
+    for size, k in zip(x.shape[1:4], conv.kernel_size):
+      low, _ = same_padding(size, k, s)
+      out, taps = -(-size // s), -(-k // s)
+      pads.append((low, s * (out + taps - 1) - size - low))
+    x = space_to_depth(jnp.pad(x, [(0, 0)] + pads + [(0, 0)]), s)
+    kernel = space_to_depth_kernel(kernel, s)
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1, 1), 'VALID', dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'),
+      precision=conv.precision)
+
+
+def apply_conv(conv: nnx.Conv, x: jax.Array, space_to_depth_strided: bool) -> jax.Array:
+  """conv(x), through strided_conv when asked and the conv is strided."""
+  return strided_conv(conv, x) if space_to_depth_strided else conv(x)
+
+
+class ClassifierHead(nnx.Module):
+  """BN -> ReLU -> global average pool -> dense -> one float32 logit per example."""
+
+  def __init__(self, channels: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    self.norm = batch_norm(channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dense = nnx.Linear(
+        channels, 1, dtype=jnp.float32, param_dtype=param_dtype,
+        kernel_init=_logical(nnx.initializers.lecun_normal(), ('features', None)),
+        bias_init=_logical(nnx.initializers.zeros, (None,)), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nnx.relu(self.norm(x))
+    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))  # (B, C)
+    return self.dense(features)[:, 0]
+
+
+class PreActBasicBlock(nnx.Module):
+  """BN-ReLU-conv3(stride)-BN-ReLU-conv3 + shortcut (1x1x1 projection when the shape changes).
+
+  preactivate=False for the block right after the stem (its BN-ReLU already ran).
+  space_to_depth=True computes the strided conv1 / projection through strided_conv (same math).
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, stride: int, *, preactivate: bool,
+               dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs,
+               space_to_depth: bool = False):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.preactivate = preactivate
+    self.space_to_depth = space_to_depth
+    self.norm1 = batch_norm(in_channels, **kw) if preactivate else None
+    self.conv1 = conv3d(in_channels, out_channels, 3, stride, **kw)
+    self.norm2 = batch_norm(out_channels, **kw)
+    self.conv2 = conv3d(out_channels, out_channels, 3, 1, **kw)
+    needs_projection = stride != 1 or in_channels != out_channels
+    self.projection = conv3d(in_channels, out_channels, 1, stride, **kw) if needs_projection \
+        else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = nnx.relu(self.norm1(x)) if self.preactivate else x
+    shortcut = (apply_conv(self.projection, y, self.space_to_depth)
+                if self.projection is not None else x)
+    y = apply_conv(self.conv1, y, self.space_to_depth)
+    y = self.conv2(nnx.relu(self.norm2(y)))
+    return constrain(y + shortcut, ACTIVATION_AXES)
+
+
+class ResNet3D(nnx.Module):
+  """Pre-activation 3D ResNet-10/18/34: (B, D, H, W, 1) in [0, 1] -> logits (B,) float32."""
+
+  def __init__(self, *, depth: int = 18, width: int = 64, stem_kernel: int = 7,
+               stem_stride: int = 2, stem_pool: bool = True, in_channels: int = 1,
+               dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+               space_to_depth: str = 'none', rngs: nnx.Rngs):
+    if depth not in STAGE_BLOCKS:
+      raise ValueError(
+          f'ResNet depth {depth} is not supported; set --config.model.depth to one of '
+          f'{sorted(STAGE_BLOCKS)}')
+    if space_to_depth not in SPACE_TO_DEPTH_MODES:
+      raise ValueError(
+          f'space_to_depth={space_to_depth!r} is not a mode; set --config.model.space_to_depth '
+          f'to one of {", ".join(SPACE_TO_DEPTH_MODES)}')
+    self.stem_space_to_depth = space_to_depth != 'none'
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.dtype = dtype
+    self.stem_pool = stem_pool
+    self.stem_conv = conv3d(in_channels, width, stem_kernel, stem_stride, **kw)
+    self.stem_norm = batch_norm(width, **kw)
+    blocks = []
+    channels = width
+    for stage, (num_blocks, multiplier) in enumerate(zip(STAGE_BLOCKS[depth],
+                                                         STAGE_MULTIPLIERS)):
+      for index in range(num_blocks):
+        out_channels = width * multiplier
+        stride = 2 if stage > 0 and index == 0 else 1
+        blocks.append(PreActBasicBlock(
+            channels, out_channels, stride, preactivate=bool(stage or index),
+            space_to_depth=space_to_depth == 'all', **kw))
+        channels = out_channels
+    self.blocks = nnx.List(blocks)
+    self.head = ClassifierHead(channels, **kw)
+
+  def __call__(self, crops: jax.Array) -> jax.Array:
+    x = constrain(crops.astype(self.dtype), ACTIVATION_AXES)
+    x = nnx.relu(self.stem_norm(apply_conv(self.stem_conv, x, self.stem_space_to_depth)))
+    if self.stem_pool:
+      x = nnx.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding='SAME')
+    x = constrain(x, ACTIVATION_AXES)
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x)
+
+
+def blocks_per_stage(depth: int) -> Sequence[int]:
+  """Basic blocks in each of the four stages for a ResNet of this depth."""
+  return STAGE_BLOCKS[depth]
