@@ -72,6 +72,29 @@ def create_train_state(config: ml_collections.ConfigDict) -> TrainState:
   return TrainState(model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param))
 
 
+def abstract_train_state(config, mesh, rules) -> tuple[nnx.GraphDef, nnx.State, Any]:
+  """(graphdef, abstract state, shardings): shapes and placements, no arrays allocated.
+
+  The abstract state's leaves are jax.ShapeDtypeStructs that carry their NamedSharding, ready to
+  be a restore target. Call inside sharding.use_rules(mesh, rules).
+  """
+  abstract = nnx.eval_shape(lambda: create_train_state(config))
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = sharding_lib.state_shardings(abstract_state, mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+  return graphdef, abstract_state, shardings
+
+
+def restore_state(checkpointer: checkpointing.Checkpointer, abstract_state: nnx.State,
+                  step: int | None = None) -> tuple[nnx.State, int]:
+  """The checkpointed state at `step` (default latest), placed as `abstract_state` says."""
+  pure, step = checkpointer.restore(nnx.to_pure_dict(abstract_state), step)
+  state = jax.tree.map(lambda x: x, abstract_state)  # A copy; the abstract one stays abstract.
+  nnx.replace_by_pure_dict(state, pure)
+  return state, step
+
+
 def init_sharded_state(config, mesh, rules) -> tuple[nnx.GraphDef, nnx.State, Any]:
   """Builds the train state directly in its shardings: abstract -> shardings -> jit(init).
 
@@ -79,11 +102,8 @@ def init_sharded_state(config, mesh, rules) -> tuple[nnx.GraphDef, nnx.State, An
   unless the rules say to replicate it.
   """
   with sharding_lib.use_rules(mesh, rules):
-    abstract = nnx.eval_shape(lambda: create_train_state(config))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = sharding_lib.state_shardings(abstract_state, mesh, rules)
-    init = jax.jit(lambda: nnx.split(create_train_state(config))[1], out_shardings=shardings)
-    state = init()
+    graphdef, _, shardings = abstract_train_state(config, mesh, rules)
+    state = jax.jit(lambda: nnx.split(create_train_state(config))[1], out_shardings=shardings)()
   return graphdef, state, shardings
 
 
@@ -118,7 +138,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
 
   loss, grads = nnx.value_and_grad(loss_fn)(ts.model)
   ts.optimizer.update(ts.model, grads)
-  metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+  metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'learning_rate': learning_rate_schedule(config)(step)}
   return nnx.state(ts), metrics
 
@@ -132,16 +152,21 @@ def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Arr
   return jax.nn.sigmoid(ts.model(images).astype(jnp.float32))
 
 
-def make_eval_fn(graphdef, state_shardings, mesh, rules, config) -> Callable:
-  """Jitted eval step: batch sharded over the batch axes, probabilities replicated to all hosts."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  fn = jax.jit(functools.partial(eval_step, graphdef, config=config),
-               in_shardings=(state_shardings, None), out_shardings=replicated)
+def make_train_step(graphdef, state_shardings, config) -> Callable:
+  """Jitted train_step(state, batch, step): state sharded as given and donated, batch as it comes.
 
-  def run(state, batch):
-    with sharding_lib.use_rules(mesh, rules):
-      return fn(state, batch)
-  return run
+  Call it (and trace / compile it) inside sharding.use_rules(mesh, rules).
+  """
+  return jax.jit(functools.partial(train_step, graphdef, config=config),
+                 in_shardings=(state_shardings, None, None),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(graphdef, state_shardings, mesh, config) -> Callable:
+  """Jitted eval_step(state, batch) -> probabilities (B,), replicated so every host has them."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(functools.partial(eval_step, graphdef, config=config),
+                 in_shardings=(state_shardings, None), out_shardings=replicated)
 
 
 def predict(eval_fn: Callable, state: nnx.State, config, subsets, batch_sharding) -> dict:
@@ -222,106 +247,113 @@ def _check_finite(step: int, metrics: dict[str, float], checkpointer) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains config.train.steps steps (resuming from workdir if it holds checkpoints).
 
-  Returns the last validation metrics (loss, auc, accuracy) and the final step.
+  Returns the final step and the last validation metrics (loss, auc, accuracy).
   """
   is_main = jax.process_index() == 0
-  writer = reporting.MetricWriter(workdir, enabled=is_main)
   if is_main:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
 
   # ---- mesh
-  mesh = mesh_lib.create_mesh(config.mesh)
-  rules = tuple(tuple(r) for r in config.mesh.logical_rules)
-  mesh_lib.check_batch_divisible(config.train.global_batch_size, mesh, rules)
-  mesh_lib.check_batch_divisible(config.train.eval_batch_size, mesh, rules)
-  logging.info('mesh %s on %d devices (%s), %d process(es)', dict(mesh.shape), mesh.size,
-               jax.devices()[0].platform, jax.process_count())
+  mesh, rules = create_mesh_and_rules(config)
 
   # ---- input
   prepare.ensure_crops_file(config)
   batch_sharding = sharding_lib.batch_sharding(mesh, rules, ndim=1)
 
-  # ---- model & optimizer, created sharded
-  graphdef, state, state_shardings = init_sharded_state(config, mesh, rules)
-  n_params = count_params(nnx.merge(graphdef, state).model)
-  logging.info('model %s depth %s width %s: %.2fM parameters', config.model.name,
-               config.model.depth, config.model.width, n_params / 1e6)
+  with sharding_lib.use_rules(mesh, rules):
+    # ---- model & optimizer: restored (the same command continues from the latest complete
+    # step of its workdir, on whatever mesh this config gives) or created directly sharded
+    checkpointer = checkpointing.Checkpointer(workdir, config)
+    graphdef, abstract_state, state_shardings = abstract_train_state(config, mesh, rules)
+    if checkpointer.latest_step() is not None:
+      state, start_step = restore_state(checkpointer, abstract_state)
+      logging.info('resumed from step %d of %s', start_step, checkpointer.directory)
+    else:
+      _, state, _ = init_sharded_state(config, mesh, rules)
+      start_step = 0
+    logging.info('model %s (depth %d, width %d): %.3fM parameters', config.model.name,
+                 config.model.depth, config.model.width,
+                 count_params(nnx.merge(graphdef, state).model) / 1e6)
 
-  # ---- restore (same command, same workdir: continue from the latest complete step)
-  checkpointer = checkpointing.Checkpointer(workdir, config)
-  start_step = 0
-  if checkpointer.latest_step() is not None:
-    pure, start_step = checkpointer.restore(
-        checkpointing.abstract_like(state.to_pure_dict()))
-    nnx.replace_by_pure_dict(state, pure)
-    logging.info('resumed from step %d of %s', start_step, checkpointer.directory)
-
-  # ---- shard & compile the step ahead of time; report its memory
-  step_fn = jax.jit(functools.partial(train_step, graphdef, config=config),
-                    in_shardings=(state_shardings, None, None),
-                    out_shardings=(state_shardings, None), donate_argnums=(0,))
-  train_iter = pipeline.make_train_iterator(config, batch_sharding, start_step)
-  eval_fn = make_eval_fn(graphdef, state_shardings, mesh, rules, config)
-  watch = PreemptionWatch()
-  progress = reporting.Progress(config.train.steps, config.train.global_batch_size, is_main)
-  val_metrics: dict[str, Any] = {}
-  step = start_step
-  try:
-    batch = next(train_iter) if start_step < config.train.steps else None
-    if batch is not None:
-      with sharding_lib.use_rules(mesh, rules):
-        t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch, jnp.int32(start_step)).compile()
-        logging.info('compiled the train step in %.1f s; per-device memory: %s',
-                     time.perf_counter() - t0, _memory_summary(compiled))
-
-    # ---- loop
-    history = []
-    progress.start(step)
-    while step < config.train.steps:
-      with sharding_lib.use_rules(mesh, rules):
-        state, metrics = compiled(state, batch, jnp.int32(step))
-      # Waiting on each step's scalars keeps multi-host collectives from piling up (FACTS.md)
-      # and lets the NaN guard stop before a bad state is ever checkpointed.
-      metrics = jax.device_get(metrics)
-      _check_finite(step, metrics, checkpointer)
-      history.append(metrics)
-      step += 1
+    train_step_fn = make_train_step(graphdef, state_shardings, config)
+    eval_step_fn = make_eval_step(graphdef, state_shardings, mesh, config)
+    writer = reporting.MetricWriter(workdir, enabled=is_main)
+    watch = PreemptionWatch()
+    train_iter = pipeline.make_train_iterator(config, batch_sharding, start_step)
+    val_metrics: dict[str, Any] = {}
+    step = start_step
+    try:
       if step < config.train.steps:
+        # ---- compile ahead of time; report memory before the first step
         batch = next(train_iter)
+        t0 = time.perf_counter()
+        train_step_fn = train_step_fn.lower(state, batch, jnp.int32(step)).compile()
+        logging.info('compiled the train step in %.1f s; per device: %s',
+                     time.perf_counter() - t0, _memory_summary(train_step_fn))
+      progress = reporting.Progress(config.train.steps, config.train.global_batch_size, is_main)
+      progress.start(step)
+      history = []
 
-      if step % config.train.log_every_steps == 0 or step == config.train.steps:
-        mean = _mean_metrics(history)
-        history = []
-        rates = progress.report(step, {'loss': mean['loss'], 'lr': mean['learning_rate']})
-        writer.write(step, 'train', {**mean, **rates})
+      # ---- loop
+      while step < config.train.steps:
+        state, metrics = train_step_fn(state, batch, jnp.int32(step))
+        # Waiting on each step's scalars keeps multi-host collectives from piling up (FACTS.md)
+        # and lets the NaN guard stop before a bad state is ever checkpointed.
+        metrics = jax.device_get(metrics)
+        _check_finite(step, metrics, checkpointer)
+        history.append(metrics)
+        step += 1
+        if step < config.train.steps:
+          batch = next(train_iter)  # Grain workers prepare it while the device works.
 
-      every = config.train.eval_every_steps
-      if step == config.train.steps or (every and step % every == 0):
-        val_metrics = evaluate_split(eval_fn, state, config, config.data.val_subsets,
-                                     batch_sharding)
-        writer.write(step, 'val', val_metrics)
-        logging.info('validation at step %d: %s', step,
-                     ' '.join(f'{k} {v:.4g}' for k, v in val_metrics.items()))
-        progress.start(step)  # Evaluation time is not training time.
+        if step % config.train.log_every_steps == 0 or step == config.train.steps:
+          mean = _mean_metrics(history)
+          history = []
+          rates = progress.report(step, {'loss': mean['loss'], 'lr': mean['learning_rate']})
+          writer.write(step, 'train', {**mean, **rates})
 
-      if step % config.checkpoint.every_steps == 0 or step == config.train.steps:
-        checkpointer.save(step, state.to_pure_dict())
-      if watch.should_stop(step):
-        checkpointer.save(step, state.to_pure_dict())
-        checkpointer.wait()
-        logging.warning('stop requested (SIGTERM / preemption): saved step %d to %s; run the '
-                        'same command to resume', step, checkpointer.directory)
-        break
-  finally:
-    watch.close()
-    if hasattr(train_iter, 'close'):
-      train_iter.close()
-    checkpointer.close()
-    writer.close()
+        every = config.train.eval_every_steps
+        if step == config.train.steps or (every and step % every == 0):
+          val_metrics = evaluate_split(eval_step_fn, state, config, config.data.val_subsets,
+                                       batch_sharding)
+          writer.write(step, 'val', val_metrics)
+          logging.info('validation at step %d: %s', step,
+                       ' '.join(f'{k} {v:.4g}' for k, v in val_metrics.items()))
+          progress.start(step)  # Evaluation time is not training time.
+
+        if step % config.checkpoint.every_steps == 0 or step == config.train.steps:
+          checkpointer.save(step, nnx.to_pure_dict(state))
+        if watch.should_stop(step):
+          checkpointer.save(step, nnx.to_pure_dict(state))
+          checkpointer.wait()
+          logging.warning('stop requested (SIGTERM / preemption): saved step %d to %s; run the '
+                          'same command to resume', step, checkpointer.directory)
+          break
+    finally:
+      watch.close()
+      if hasattr(train_iter, 'close'):
+        train_iter.close()
+      checkpointer.close()
+      writer.close()
   return {'step': step, **val_metrics}
+
+
+def create_mesh_and_rules(config) -> tuple[jax.sharding.Mesh, tuple]:
+  """The configured mesh and logical rules, with the batch sizes checked against the mesh."""
+  mesh = mesh_lib.create_mesh(config.mesh)
+  rules = logical_rules(config)
+  mesh_lib.check_batch_divisible(config.train.global_batch_size, mesh, rules)
+  mesh_lib.check_batch_divisible(config.train.eval_batch_size, mesh, rules)
+  logging.info('mesh %s on %d %s devices, %d process(es)', mesh_lib.describe(mesh), mesh.size,
+               jax.devices()[0].platform, jax.process_count())
+  return mesh, rules
+
+
+def logical_rules(config) -> tuple[tuple[str, Any], ...]:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in config.mesh.logical_rules)
 
 
 def evaluate_split(eval_fn, state, config, subsets, batch_sharding) -> dict[str, float]:

@@ -1,0 +1,137 @@
+"""--mode=eval: score every candidate of the test subsets, LUNA16 FROC/CPM, submission CSV, plots.
+
+Writes into the workdir:
+  predictions.csv           LUNA16 submission: seriesuid,coordX,coordY,coordZ,probability
+  metrics.jsonl             one 'test' record: loss, auc, accuracy, cpm (+ 95% CI), sensitivities
+  froc.png, roc.png         curves (FROC with the 7 CPM points and the bootstrap band)
+  false_positives.png       top-scoring negatives (axial, coronal, sagittal centre slices)
+  missed_nodules.png        lowest-scoring positives
+  training_curves.png       loss / AUC from metrics.jsonl
+and the same figures as TensorBoard images.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import h5py
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from jaxmed import checkpointing
+from jaxmed import reporting
+from jaxmed import train
+from jaxmed.data import prepare
+from jaxmed.evaluation import froc
+from jaxmed.evaluation import plots
+from jaxmed.evaluation import submission
+from jaxmed.parallel import sharding as sharding_lib
+
+
+def _raw_path(config, name: str) -> str:
+  return name if os.path.isabs(name) else os.path.join(config.data.raw_dir, name)
+
+
+def candidate_table(crops_path: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+  """seriesuid (str), center_world (N, 3) x,y,z mm and subset of the given file rows."""
+  with h5py.File(crops_path, 'r') as f:
+    order = np.argsort(rows)
+    sorted_rows = rows[order]
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    take = lambda name: f[name][sorted_rows][inverse] if len(rows) else f[name][:0]
+    return {'seriesuid': np.char.decode(take('seriesuid').astype('S'), 'ascii'),
+            'center_world': take('center_world').astype(np.float64),
+            'subset': take('subset')}
+
+
+def _read_crops(crops_path: str, rows: np.ndarray) -> np.ndarray:
+  with h5py.File(crops_path, 'r') as f:
+    return np.stack([f['crops'][int(r)] for r in rows]) if len(rows) else np.zeros((0, 1, 1, 1))
+
+
+def froc_metrics(config, table, probability, subsets, workdir, step, writer) -> dict[str, Any]:
+  """LUNA16 FROC over the scans of `subsets`; plots into workdir; returns metrics to log."""
+  annotations = froc.read_annotations(_raw_path(config, config.data.annotations_csv))
+  excluded = (froc.read_annotations(_raw_path(config, config.data.annotations_excluded_csv))
+              if config.data.annotations_excluded_csv else None)
+  predictions = froc.Predictions(table['seriesuid'], table['center_world'], probability)
+  # The scans evaluated: every scan of these subsets that the crops file holds.
+  with h5py.File(config.data.crops_file, 'r') as f:
+    in_subsets = np.isin(f['subset'][:], subsets)
+    scans = np.unique(np.char.decode(f['seriesuid'][:][in_subsets].astype('S'), 'ascii'))
+  result = froc.compute_froc(predictions, annotations, excluded, scans)
+  ci = froc.bootstrap_froc(predictions, annotations, excluded, scans,
+                           num_samples=config.eval.bootstrap_samples, seed=config.seed)
+  figure = plots.plot_froc(result, ci, os.path.join(workdir, 'froc.png'))
+  writer.write_image(step, 'eval/froc', plots.figure_to_image(figure))
+  metrics = {'cpm': result.cpm, 'cpm_low': ci.cpm_low, 'cpm_high': ci.cpm_high,
+             'scans': result.num_scans, 'nodules': result.num_nodules,
+             'nodules_hit': result.num_hits}
+  for rate, sensitivity in zip(result.fp_rates, result.sensitivities):
+    metrics[f'sensitivity_at_{rate:g}_fp'] = sensitivity
+  return metrics
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Restores the checkpoint onto the current mesh and evaluates config.data.test_subsets."""
+  is_main = jax.process_index() == 0
+  mesh, rules = train.create_mesh_and_rules(config)
+  prepare.ensure_crops_file(config)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules, ndim=1)
+  subsets = tuple(config.data.test_subsets)
+  with sharding_lib.use_rules(mesh, rules):
+    checkpointer = checkpointing.Checkpointer(workdir, config)
+    graphdef, abstract_state, shardings = train.abstract_train_state(config, mesh, rules)
+    step_wanted = config.checkpoint.step if config.checkpoint.step >= 0 else None
+    state, step = train.restore_state(checkpointer, abstract_state, step_wanted)
+    checkpointer.close()
+    logging.info('evaluating step %d of %s on subsets %s', step, workdir, subsets)
+    eval_step_fn = train.make_eval_step(graphdef, shardings, mesh, config)
+    scores = train.predict(eval_step_fn, state, config, subsets, batch_sharding)
+
+  metrics = train.classification_metrics(scores['label'], scores['probability'])
+  if not is_main:
+    return metrics
+  writer = reporting.MetricWriter(workdir)
+  try:
+    table = candidate_table(config.data.crops_file, scores['row'])
+    csv_path = submission.write_predictions_csv(
+        os.path.join(workdir, 'predictions.csv'), table['seriesuid'], table['center_world'],
+        scores['probability'])
+    logging.info('wrote %d predictions to %s', len(scores['row']), csv_path)
+    metrics.update(froc_metrics(config, table, scores['probability'], subsets, workdir, step,
+                                writer))
+    _plots(config, scores, workdir, step, writer)
+    writer.write(step, 'test', metrics)
+  finally:
+    writer.close()
+  logging.info('test subsets %s at step %d: CPM %.3f (95%% CI %.3f-%.3f), AUC %.4f, '
+               'accuracy %.4f over %d candidates', subsets, step, metrics['cpm'],
+               metrics['cpm_low'], metrics['cpm_high'], metrics['auc'], metrics['accuracy'],
+               metrics['examples'])
+  return metrics
+
+
+def _plots(config, scores, workdir, step, writer) -> None:
+  labels, probs, rows = scores['label'], scores['probability'], scores['row']
+  figures = {'roc': plots.plot_roc(labels, probs, os.path.join(workdir, 'roc.png'))}
+  k = config.eval.montage_size
+  negatives, positives = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+  worst_negatives = negatives[np.argsort(-probs[negatives], kind='stable')[:k]]
+  worst_positives = positives[np.argsort(probs[positives], kind='stable')[:k]]
+  for name, picked, what in (('false_positives', worst_negatives, 'negative'),
+                             ('missed_nodules', worst_positives, 'nodule')):
+    if len(picked):
+      crops = _read_crops(config.data.crops_file, rows[picked])
+      titles = [f'{what} row {int(r)}  p={p:.3f}' for r, p in zip(rows[picked], probs[picked])]
+      figures[name] = plots.plot_montage(crops, titles, os.path.join(workdir, f'{name}.png'))
+  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(metrics_path):
+    figures['training_curves'] = plots.plot_training_curves(
+        metrics_path, os.path.join(workdir, 'training_curves.png'))
+  for name, figure in figures.items():
+    writer.write_image(step, f'eval/{name}', plots.figure_to_image(figure))

@@ -1,0 +1,114 @@
+"""Training: every mesh computes what one device computes; the train loop runs end to end."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxmed import train
+from jaxmed.data import pipeline
+from jaxmed.parallel import mesh as mesh_lib
+from jaxmed.parallel import sharding as sharding_lib
+
+# name -> (ici sizes data, fsdp, model, spatial); each uses all 8 virtual devices but '1x1'.
+MESHES = {
+    '1x1': (1, 1, 1, 1),
+    'data2_model4': (2, 1, 4, 1),
+    'data8': (8, 1, 1, 1),
+    'model8': (1, 1, 8, 1),
+    'fsdp8': (1, 8, 1, 1),
+    'data2_spatial4': (2, 1, 1, 4),
+}
+STEPS = 5
+
+
+def _set_mesh(config, sizes):
+  for axis, size in zip(mesh_lib.MESH_AXES, sizes):
+    config.mesh[f'ici_{axis}'] = size
+  return config
+
+
+def run_steps(config, num_steps):
+  """Losses of the first `num_steps` production train steps, and the final state + shardings."""
+  devices = jax.devices()[:int(np.prod([config.mesh[f'ici_{a}'] for a in mesh_lib.MESH_AXES]))]
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  rules = train.logical_rules(config)
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules, ndim=1)
+  with sharding_lib.use_rules(mesh, rules):
+    graphdef, state, shardings = train.init_sharded_state(config, mesh, rules)
+    step_fn = train.make_train_step(graphdef, shardings, config)
+    batches = pipeline.make_train_iterator(config, batch_sharding, 0)
+    losses = []
+    for step in range(num_steps):
+      state, metrics = step_fn(state, next(batches), jnp.int32(step))
+      losses.append(float(metrics['loss']))
+    if hasattr(batches, 'close'):
+      batches.close()
+  return np.array(losses), state
+
+
+@pytest.fixture(scope='module')
+def one_device_losses(tiny_dataset):
+  from configs import default
+  from conftest import TINY, apply_overrides
+  config = apply_overrides(default.get_config(), {**TINY, **tiny_dataset})
+  return run_steps(_set_mesh(config, MESHES['1x1']), STEPS)[0]
+
+
+@pytest.mark.parametrize('name', [m for m in MESHES if m != '1x1'])
+def test_mesh_matches_one_device(name, tiny_config, one_device_losses):
+  losses, state = run_steps(_set_mesh(tiny_config(), MESHES[name]), STEPS)
+  assert np.all(np.isfinite(losses))
+  assert losses[0] != losses[-1]  # It trains: parameters change between steps.
+  np.testing.assert_allclose(losses, one_device_losses, rtol=1e-4)
+
+
+def _specs(state):
+  """{'model/stage1/.../kernel': PartitionSpec} for every array of the train state."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf.sharding.spec
+          for path, leaf in flat}
+
+
+def test_parameters_and_optimizer_state_carry_the_configured_shardings(tiny_config):
+  config = _set_mesh(tiny_config(), MESHES['data2_model4'])
+  _, state = run_steps(config, 1)
+  specs = _specs(state)
+  kernels = {k: v for k, v in specs.items() if k.endswith('kernel') and 'model' in k}
+  assert kernels, specs.keys()
+  # Every conv kernel (kd, kh, kw, cin, cout) splits its output channels over 'model'.
+  for key, spec in kernels.items():
+    if key.count('/') and 'conv' in key:
+      assert spec == P(None, None, None, None, 'model'), (key, spec)
+      # AdamW's first and second moments follow their parameter.
+      for moment in ('mu', 'nu'):
+        opt_key = next(k for k in specs if k.startswith('optimizer') and moment in k
+                       and k.endswith(key.removeprefix('model/')))
+        assert specs[opt_key] == spec, (opt_key, specs[opt_key])
+
+  fsdp_config = _set_mesh(tiny_config(), MESHES['fsdp8'])
+  _, fsdp_state = run_steps(fsdp_config, 1)
+  fsdp_specs = _specs(fsdp_state)
+  sharded = [k for k, v in fsdp_specs.items() if 'fsdp' in str(v)]
+  # Input channels of every kernel whose cin divides by 8 are sharded over fsdp (ZeRO-3).
+  assert any(k.startswith('model/') for k in sharded)
+  assert any(k.startswith('optimizer/') for k in sharded)
+
+
+def test_train_and_evaluate_end_to_end(tiny_config, tmp_path):
+  config = tiny_config(train__steps=4, checkpoint__every_steps=2)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result['step'] == 4
+  assert 0.0 <= result['auc'] <= 1.0 and np.isfinite(result['loss'])
+  records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  train_steps = [r['step'] for r in records if r['split'] == 'train']
+  assert train_steps == [1, 2, 3, 4]
+  val = [r for r in records if r['split'] == 'val']
+  assert len(val) == 1 and {'loss', 'auc', 'accuracy'} <= set(val[0])
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  assert any(f.startswith('events') for f in os.listdir(tmp_path / 'tensorboard'))
