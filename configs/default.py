@@ -11,6 +11,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = 'default'  # Run name: the default workdir is workdirs/<name>.
   config.seed = 0  # One seed for data order, augmentation and initialisation.
+  # Compiled XLA programs are kept here and reused by later runs ('' = off);
+  # $JAX_COMPILATION_CACHE_DIR, when set, wins.
+  config.compilation_cache_dir = '~/.cache/jaxmed/xla'
 
   # ---- data: raw scans, preprocessing, input pipeline -------------------------------------
   config.data = data = ml_collections.ConfigDict()

@@ -7,3 +7,7 @@ exception is a bug and keeps its traceback.
 
 class UserError(Exception):
   """An error whose message names the cause and the fix in one line."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config value jaxmed cannot use; the message names the key and the values it accepts."""

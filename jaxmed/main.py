@@ -24,7 +24,11 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join('workdirs', config.name)
 
-  # Before anything touches a JAX backend: device count and the other processes.
+  # Before anything touches a JAX backend: compilation cache, device count, other processes.
+  import jax
+  if config.compilation_cache_dir and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.expanduser(config.compilation_cache_dir))
   from jaxmed.parallel import distributed
   from jaxmed.errors import UserError
   try:

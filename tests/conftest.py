@@ -1,11 +1,21 @@
 """Test setup: 8 virtual CPU devices (set before any test imports a JAX backend), and one small
 synthetic LUNA16-format dataset, preprocessed once per session, for the tests that train."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 # Must happen before the backend starts: tests never change the device count mid-run.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One XLA compilation cache for this session, inherited by every subprocess the tests start:
+# the same programs (same model, mesh and shapes) compile once, not once per process.
+_CACHE = tempfile.mkdtemp(prefix='jaxmed-test-xla-cache-')
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
@@ -50,8 +60,7 @@ def apply_overrides(config, overrides):
 
 def cli_overrides(overrides):
   """The same overrides as --config.key=value flags for `python -m jaxmed.main`."""
-  return [f'--config.{k}={v!r}' if isinstance(v, str) else f'--config.{k}={v}'
-          for k, v in overrides.items()]
+  return [f'--config.{k}={v}' for k, v in overrides.items()]
 
 
 @pytest.fixture(scope='session')

@@ -120,9 +120,8 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(uninterrupte
 
 
 def test_kill_9_during_an_async_save_resumes_from_the_latest_complete_step(tiny_dataset, tmp_path):
-  # A wider model so that each save takes long enough to be interrupted mid-write.
   workdir = str(tmp_path)
-  args = args_for(tiny_dataset, model__width=48, checkpoint__every_steps=1,
+  args = args_for(tiny_dataset, checkpoint__every_steps=1,
                   checkpoint__keep=100)
   proc = _start(args, workdir)
   ckpts = os.path.join(workdir, 'checkpoints')

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmed.errors import ConfigError
+
 # Folded into PRNGKey(seed) first so augmentation keys never coincide with other uses of the seed.
 AUGMENT_STREAM = 0x417567  # 'Aug'
 
@@ -86,7 +88,7 @@ def transform_crops(crops: jax.Array, offsets: jax.Array, rotations: jax.Array, 
   if crops.ndim != 4 or not crops.shape[1] == crops.shape[2] == crops.shape[3]:
     raise ValueError(f'crops must be (B, S, S, S) cubes, got shape {crops.shape}')
   if not 0 < crop_size <= crops.shape[1]:
-    raise ValueError(f'crop_size {crop_size} must be in [1, stored size {crops.shape[1]}]')
+    raise ConfigError(f'crop_size {crop_size} must be in [1, stored size {crops.shape[1]}]')
   perms = jnp.asarray(ROTATION_PERMS)[rotations]
   signs = jnp.asarray(ROTATION_SIGNS)[rotations] * jnp.where(flips, -1, 1).astype(jnp.int32)
   offsets = jnp.asarray(offsets, jnp.int32)
@@ -98,7 +100,7 @@ def hu_to_unit(hu: jax.Array, hu_window: Sequence[float]) -> jax.Array:
   """HU -> float32 in [0, 1]: hu_window (low, high) mapped linearly, clipped outside."""
   low, high = (float(v) for v in hu_window)
   if not high > low:
-    raise ValueError(f'hu_window {tuple(hu_window)} must be (low, high) with high > low')
+    raise ConfigError(f'hu_window {tuple(hu_window)} must be (low, high) with high > low')
   return jnp.clip((hu.astype(jnp.float32) - low) / (high - low), 0.0, 1.0)
 
 
@@ -110,7 +112,7 @@ def center_crop_window(crops: jax.Array, crop_size: int,
   """
   start = (crops.shape[1] - crop_size) // 2
   if start < 0:
-    raise ValueError(f'crop_size {crop_size} exceeds the stored crop size {crops.shape[1]}')
+    raise ConfigError(f'crop_size {crop_size} exceeds the stored crop size {crops.shape[1]}')
   window = crops[:, start:start + crop_size, start:start + crop_size, start:start + crop_size]
   return hu_to_unit(window, hu_window)[..., None]
 
@@ -139,7 +141,7 @@ def augment_crops(crops: jax.Array, index: jax.Array, seed, step, aug_config, cr
   batch, size = crops.shape[0], crops.shape[1]
   margin = size - crop_size
   if margin < 0:
-    raise ValueError(f'crop_size {crop_size} exceeds the stored crop size {size}')
+    raise ConfigError(f'crop_size {crop_size} exceeds the stored crop size {size}')
   keys = example_keys(seed, step, index)
   # One draw of random bits per example feeds every choice (one hash instead of one per choice:
   # much less to compile); the modulo bias is below 1e-8.

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmed.data import augment as augment_lib
 from jaxmed.data import crops_file
+from jaxmed.errors import ConfigError
 
 try:  # Grain's shared-memory array: workers write batches straight into it (optional speed-up).
   from grain._src.python.ipc.shared_memory_array import SharedMemoryArray as _SharedMemoryArray
@@ -166,7 +167,7 @@ def split_by_label(path: str | os.PathLike, rows: np.ndarray) -> tuple[np.ndarra
 def positives_per_batch(global_batch_size: int, positive_fraction: float) -> int:
   """Positives in every training batch: round(B * fraction) (Python rounding, half to even)."""
   if not 0.0 <= positive_fraction <= 1.0:
-    raise ValueError(f'data.positive_fraction must be in [0, 1], got {positive_fraction}')
+    raise ConfigError(f'data.positive_fraction must be in [0, 1], got {positive_fraction}')
   return int(round(global_batch_size * positive_fraction))
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmed.errors import ConfigError
 from jaxmed.models.cnn3d import CNN3D
 from jaxmed.models.resnet3d import ResNet3D
 
@@ -19,7 +20,7 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.floa
 def _dtype(model_config: Any, key: str) -> jnp.dtype:
   name = model_config[key]
   if name not in _DTYPES:
-    raise ValueError(
+    raise ConfigError(
         f'config.model.{key}={name!r} is not a dtype jaxmed knows; set it to one of '
         f'{", ".join(_DTYPES)}')
   return _DTYPES[name]
@@ -30,7 +31,7 @@ def create_model(model_config: Any, *, rngs: nnx.Rngs) -> nnx.Module:
 
   model_config: config.model (name, depth, width, stem_kernel, stem_stride, stem_pool, dtype,
   param_dtype). The model maps crops (B, D, H, W, 1) float in [0, 1] to logits (B,) float32.
-  Raises ValueError (one line) for an unknown name.
+  Raises ConfigError (one line) for an unknown name.
   """
   name = model_config['name']
   dtypes = dict(dtype=_dtype(model_config, 'dtype'),
@@ -43,7 +44,7 @@ def create_model(model_config: Any, *, rngs: nnx.Rngs) -> nnx.Module:
         space_to_depth=model_config.get('space_to_depth', 'none'), **dtypes, rngs=rngs)
   if name == 'cnn3d':
     return CNN3D(width=model_config['width'], **dtypes, rngs=rngs)
-  raise ValueError(
+  raise ConfigError(
       f'unknown model {name!r}; set --config.model.name to one of: {", ".join(MODEL_NAMES)}')
 
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmed.errors import ConfigError
 from jaxmed.parallel.sharding import constrain
 
 ACTIVATION_AXES = ('batch', 'depth', 'height', 'width', 'channels')
@@ -196,11 +197,11 @@ class ResNet3D(nnx.Module):
                dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
                space_to_depth: str = 'none', rngs: nnx.Rngs):
     if depth not in STAGE_BLOCKS:
-      raise ValueError(
+      raise ConfigError(
           f'ResNet depth {depth} is not supported; set --config.model.depth to one of '
           f'{sorted(STAGE_BLOCKS)}')
     if space_to_depth not in SPACE_TO_DEPTH_MODES:
-      raise ValueError(
+      raise ConfigError(
           f'space_to_depth={space_to_depth!r} is not a mode; set --config.model.space_to_depth '
           f'to one of {", ".join(SPACE_TO_DEPTH_MODES)}')
     self.stem_space_to_depth = space_to_depth != 'none'

@@ -18,12 +18,13 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
+from jaxmed.errors import UserError
 from jaxmed.parallel import sharding
 
 MESH_AXES = ('data', 'fsdp', 'model', 'spatial')
 
 
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
   """A mesh or batch size that does not fit the devices; the message is one line with the fix."""
 
 

@@ -28,6 +28,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxmed.errors import ConfigError
+
 # (logical name, mesh axis | tuple of mesh axes | None), as in config.mesh.logical_rules.
 LogicalRules = Sequence[tuple[str, str | Sequence[str] | None]]
 LogicalAxes = Sequence[str | None]
@@ -43,7 +45,7 @@ def _rules_dict(rules: LogicalRules | Mapping[str, Any]) -> dict[str, tuple[str,
   normalised = {}
   for item in items:
     if len(item) != 2:
-      raise ValueError(
+      raise ConfigError(
           f'logical rule {item!r} is not a (logical name, mesh axes) pair; fix '
           'config.mesh.logical_rules')
     name, target = item
@@ -68,7 +70,7 @@ def mesh_axes_for(logical_name: str, mesh: Mesh | jax.sharding.AbstractMesh,
   axes = _rules_dict(rules).get(logical_name, ())
   for axis in axes:
     if axis not in sizes:
-      raise ValueError(
+      raise ConfigError(
           f'logical rule {logical_name!r} -> {axis!r} names a mesh axis that is not in the mesh '
           f'{tuple(sizes)}; fix config.mesh.logical_rules')
   return tuple(a for a in axes if sizes[a] > 1)
@@ -82,7 +84,7 @@ def logical_to_spec(logical_axes: LogicalAxes, mesh: Mesh | jax.sharding.Abstrac
   replicated over them); without it, every mapped mesh axis of size > 1 is used.
   """
   if shape is not None and len(shape) != len(logical_axes):
-    raise ValueError(
+    raise ConfigError(
         f'logical axes {tuple(logical_axes)} do not match an array of shape {tuple(shape)}')
   sizes = _axis_sizes(mesh)
   used: set[str] = set()
