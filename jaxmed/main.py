@@ -4,6 +4,7 @@
                         [--mode=train|eval|preprocess|synthesize]
 """
 
+import logging as logging_std
 import os
 import sys
 
@@ -18,10 +19,20 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'preprocess', 'synt
                           'What to do.')
 
 
+class _LibraryInfoFilter(logging_std.Filter):
+  """Keeps the log readable: drops INFO lines from Orbax's and Grain's internals."""
+
+  _NOISY = (f'{os.sep}orbax{os.sep}', f'{os.sep}grain{os.sep}', f'{os.sep}etils{os.sep}')
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno > logging_std.INFO or not any(n in record.pathname for n in self._NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   config = _CONFIG.value
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   workdir = _WORKDIR.value or os.path.join('workdirs', config.name)
 
   # Before anything touches a JAX backend: compilation cache, device count, other processes.

@@ -364,8 +364,8 @@ def evaluate_split(eval_fn, state, config, subsets, batch_sharding) -> dict[str,
 def _memory_summary(compiled) -> str:
   try:
     m = compiled.memory_analysis()
-    gib = lambda b: f'{b / 2**30:.2f} GiB'
-    return (f'arguments {gib(m.argument_size_in_bytes)}, outputs {gib(m.output_size_in_bytes)}, '
-            f'temporaries {gib(m.temp_size_in_bytes)}')
+    size = lambda b: f'{b / 2**30:.2f} GiB' if b >= 2**30 else f'{b / 2**20:.1f} MiB'
+    return (f'arguments {size(m.argument_size_in_bytes)}, outputs {size(m.output_size_in_bytes)}'
+            f', temporaries {size(m.temp_size_in_bytes)}')
   except Exception:  # Not every backend reports it.
     return 'not reported by this backend'
