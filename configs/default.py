@@ -125,6 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = eval_ = ml_collections.ConfigDict()
   eval_.bootstrap_samples = 1000  # Bootstrap resamples over scans for the CPM 95% interval.
   eval_.montage_size = 8  # Crops shown in each montage (top false positives, missed nodules).
+  eval_.crossval_folds = tuple(range(10))  # --mode=crossval: subsets held out, one fold each.
 
   # ---- multi-host (jax.distributed) -------------------------------------------------------
   config.distributed = dist = ml_collections.ConfigDict()

@@ -53,12 +53,12 @@ def _read_crops(crops_path: str, rows: np.ndarray) -> np.ndarray:
     return np.stack([f['crops'][int(r)] for r in rows]) if len(rows) else np.zeros((0, 1, 1, 1))
 
 
-def froc_metrics(config, table, probability, subsets, workdir, step, writer) -> dict[str, Any]:
+def froc_metrics(config, predictions: froc.Predictions, subsets, workdir, step,
+                 writer) -> dict[str, Any]:
   """LUNA16 FROC over the scans of `subsets`; plots into workdir; returns metrics to log."""
   annotations = froc.read_annotations(_raw_path(config, config.data.annotations_csv))
   excluded = (froc.read_annotations(_raw_path(config, config.data.annotations_excluded_csv))
               if config.data.annotations_excluded_csv else None)
-  predictions = froc.Predictions(table['seriesuid'], table['center_world'], probability)
   # The scans evaluated: every scan of these subsets that the crops file holds.
   with h5py.File(config.data.crops_file, 'r') as f:
     in_subsets = np.isin(f['subset'][:], subsets)
@@ -103,8 +103,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         os.path.join(workdir, 'predictions.csv'), table['seriesuid'], table['center_world'],
         scores['probability'])
     logging.info('wrote %d predictions to %s', len(scores['row']), csv_path)
-    metrics.update(froc_metrics(config, table, scores['probability'], subsets, workdir, step,
-                                writer))
+    predictions = froc.Predictions(table['seriesuid'], table['center_world'],
+                                   scores['probability'])
+    metrics.update(froc_metrics(config, predictions, subsets, workdir, step, writer))
     _plots(config, scores, workdir, step, writer)
     writer.write(step, 'test', metrics)
   finally:

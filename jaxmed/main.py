@@ -1,7 +1,7 @@
 """jaxmed's one entry point.
 
   python -m jaxmed.main --config=configs/mesh_2x4.py [--config.key=value ...] [--workdir=DIR]
-                        [--mode=train|eval|preprocess|synthesize]
+                        [--mode=train|eval|crossval|preprocess|synthesize]
 """
 
 import logging as logging_std
@@ -15,8 +15,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: workdirs/<config.name>).')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'preprocess', 'synthesize'],
-                          'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train',
+                          ['train', 'eval', 'crossval', 'preprocess', 'synthesize'], 'What to do.')
 
 
 class _LibraryInfoFilter(logging_std.Filter):
@@ -56,6 +56,9 @@ def main(argv):
     elif _MODE.value == 'eval':
       from jaxmed import evaluate
       evaluate.evaluate(config, workdir)
+    elif _MODE.value == 'crossval':
+      from jaxmed import crossval
+      crossval.run_crossval(config, workdir)
   except UserError as e:
     # Errors a user can fix end in one line naming the cause and the fix, not a traceback.
     logging.flush()
