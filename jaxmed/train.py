@@ -169,10 +169,11 @@ def make_eval_step(graphdef, state_shardings, mesh, config) -> Callable:
                  in_shardings=(state_shardings, None), out_shardings=replicated)
 
 
-def predict(eval_fn: Callable, state: nnx.State, config, subsets, batch_sharding) -> dict:
+def predict(eval_fn: Callable, state: nnx.State, config, subsets, batch_sharding,
+            skip_excluded: bool = False) -> dict:
   """Scores every example of `subsets` once; returns numpy row, label, probability (N,)."""
   rows, labels, probs = [], [], []
-  iterator = pipeline.make_eval_iterator(config, subsets, batch_sharding)
+  iterator = pipeline.make_eval_iterator(config, subsets, batch_sharding, skip_excluded)
   try:
     for batch in iterator:
       p = np.asarray(eval_fn(state, batch))
@@ -357,7 +358,8 @@ def logical_rules(config) -> tuple[tuple[str, Any], ...]:
 
 
 def evaluate_split(eval_fn, state, config, subsets, batch_sharding) -> dict[str, float]:
-  scores = predict(eval_fn, state, config, subsets, batch_sharding)
+  """Validation: loss, AUC and accuracy over `subsets`, excluded negatives left out."""
+  scores = predict(eval_fn, state, config, subsets, batch_sharding, skip_excluded=True)
   return classification_metrics(scores['label'], scores['probability'])
 
 

@@ -74,7 +74,7 @@ def batch_sharding():
 
 def train_rows(config):
   path = config.data.crops_file
-  return pipeline.split_by_label(path, pipeline.split_rows(path, TRAIN_SUBSETS, training=True))
+  return pipeline.split_by_label(path, pipeline.split_rows(path, TRAIN_SUBSETS, skip_excluded=True))
 
 
 def take(iterator, n):
@@ -112,8 +112,8 @@ def test_source_rejects_a_file_that_is_not_schema_v1(tmp_path):
 
 def test_split_rows_follow_subsets_and_training_drops_excluded(config):
   path = config.data.crops_file
-  training = pipeline.split_rows(path, TRAIN_SUBSETS, training=True)
-  evaluation = pipeline.split_rows(path, EVAL_SUBSETS, training=False)
+  training = pipeline.split_rows(path, TRAIN_SUBSETS, skip_excluded=True)
+  evaluation = pipeline.split_rows(path, EVAL_SUBSETS, skip_excluded=False)
   np.testing.assert_array_equal(training, ROWS[(SUBSET < 8) & ~EXCLUDE])
   np.testing.assert_array_equal(evaluation, ROWS[SUBSET >= 8])
   assert EXCLUDE[evaluation].any()  # Evaluation keeps every candidate.

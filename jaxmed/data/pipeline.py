@@ -145,11 +145,16 @@ def _read_columns(path: str | os.PathLike, names: Sequence[str]) -> dict[str, np
     return {name: f[name][:] for name in names}
 
 
-def split_rows(path: str | os.PathLike, subsets: Iterable[int], *, training: bool) -> np.ndarray:
-  """File rows (int64, increasing) of the LUNA `subsets`; training leaves out exclude=True rows."""
+def split_rows(path: str | os.PathLike, subsets: Iterable[int], *,
+               skip_excluded: bool) -> np.ndarray:
+  """File rows (int64, increasing) of the LUNA `subsets`, without exclude=True rows if asked.
+
+  Training and validation skip excluded negatives (too close to a nodule to call negative);
+  LUNA16 scoring (--mode=eval) keeps every candidate, since FROC decides hits by distance.
+  """
   columns = _read_columns(path, ('subset', 'exclude'))
   keep = np.isin(columns['subset'], np.asarray(tuple(subsets), np.int64))
-  if training:
+  if skip_excluded:
     keep &= ~columns['exclude']
   return np.flatnonzero(keep).astype(np.int64)
 
@@ -483,7 +488,7 @@ def make_train_iterator(config, batch_sharding: jax.sharding.Sharding,
   path = config.data.crops_file
   source = CropsSource(path)
   positive_rows, negative_rows = split_by_label(
-      path, split_rows(path, config.data.train_subsets, training=True))
+      path, split_rows(path, config.data.train_subsets, skip_excluded=True))
   global_batch_size = config.train.global_batch_size
   loader = _TrainBatchLoader(source, config.seed, global_batch_size,
                              process_batch_rows(batch_sharding, global_batch_size),
@@ -494,9 +499,10 @@ def make_train_iterator(config, batch_sharding: jax.sharding.Sharding,
                        batch_sharding, global_batch_size)
 
 
-def make_eval_iterator(config, subsets: Iterable[int],
-                       batch_sharding: jax.sharding.Sharding) -> BatchIterator:
-  """One pass over every example of `subsets`, in file order; len() = number of batches.
+def make_eval_iterator(config, subsets: Iterable[int], batch_sharding: jax.sharding.Sharding,
+                       skip_excluded: bool = False) -> BatchIterator:
+  """One pass over every example of `subsets` (excluded negatives left out if asked), in file
+  order; len() = number of batches.
 
   Each batch: 'crops' int16 (E, S, S, S) HU, 'label' int32 (E,), 'row' int32 (E,) file row
   (-1 for padding), 'mask' bool (E,) False for padding; E = config.train.eval_batch_size.
@@ -504,7 +510,7 @@ def make_eval_iterator(config, subsets: Iterable[int],
   """
   path = config.data.crops_file
   source = CropsSource(path)
-  rows = split_rows(path, subsets, training=False)
+  rows = split_rows(path, subsets, skip_excluded=skip_excluded)
   eval_batch_size = config.train.eval_batch_size
   num_batches = -(-len(rows) // eval_batch_size)
   loader = _EvalBatchLoader(source, rows, eval_batch_size,
@@ -514,9 +520,9 @@ def make_eval_iterator(config, subsets: Iterable[int],
                        batch_sharding, eval_batch_size, num_batches)
 
 
-def eval_num_batches(config, subsets: Iterable[int]) -> int:
+def eval_num_batches(config, subsets: Iterable[int], skip_excluded: bool = False) -> int:
   """Batches of make_eval_iterator(config, subsets, ...): ceil(examples / eval_batch_size)."""
-  rows = split_rows(config.data.crops_file, subsets, training=False)
+  rows = split_rows(config.data.crops_file, subsets, skip_excluded=skip_excluded)
   return -(-len(rows) // config.train.eval_batch_size)
 
 
