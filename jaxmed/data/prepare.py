@@ -24,8 +24,8 @@ def _has_scans(raw_dir: str) -> bool:
 def ensure_crops_file(config) -> int:
   """Returns the number of crops in config.data.crops_file, building it first if allowed."""
   path = config.data.crops_file
-  if not os.path.exists(path) and config.data.auto_prepare:
-    if jax.process_index() == 0:  # One writer; the others wait at the barrier below.
+  if config.data.auto_prepare:
+    if jax.process_index() == 0 and not os.path.exists(path):  # One writer; others wait below.
       from jaxmed.data import preprocess
       from jaxmed.data import synthetic
       if not _has_scans(config.data.raw_dir):
@@ -36,5 +36,7 @@ def ensure_crops_file(config) -> int:
                       config.data.raw_dir)
       preprocess.preprocess(config)
     if jax.process_count() > 1:
+      # Every process waits, whether or not it saw the file: a process that started after process
+      # 0 had written it would otherwise skip the barrier process 0 waits at, and both would hang.
       multihost_utils.sync_global_devices('jaxmed: crops file ready')
   return crops_file.check_crops_file(path)
