@@ -298,7 +298,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       history = []
 
       # ---- loop
+      profile_start = start_step + 5 if config.train.profile_steps > 0 else -1  # After warm-up.
       while step < config.train.steps:
+        if step == profile_start and is_main:
+          jax.profiler.start_trace(os.path.join(workdir, 'profile'))
         state, metrics = train_step_fn(state, batch, jnp.int32(step))
         # Waiting on each step's scalars keeps multi-host collectives from piling up (FACTS.md)
         # and lets the NaN guard stop before a bad state is ever checkpointed.
@@ -306,6 +309,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _check_finite(step, metrics, checkpointer)
         history.append(metrics)
         step += 1
+        if step == profile_start + config.train.profile_steps and is_main:
+          jax.profiler.stop_trace()
+          logging.info('wrote a profile of steps %d-%d to %s', profile_start, step - 1,
+                       os.path.join(workdir, 'profile'))
         if step < config.train.steps:
           batch = next(train_iter)  # Grain workers prepare it while the device works.
 

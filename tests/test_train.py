@@ -52,20 +52,22 @@ def run_steps(config, num_steps):
   return np.array(losses), state
 
 
-@pytest.fixture(scope='module')
-def one_device_losses(tiny_dataset):
-  from configs import default
-  from conftest import TINY, apply_overrides
-  config = apply_overrides(default.get_config(), {**TINY, **tiny_dataset})
-  return run_steps(_set_mesh(config, MESHES['1x1']), STEPS)[0]
+_RUNS = {}  # mesh name -> (losses, final state): each mesh trains once per session.
+
+
+def mesh_run(name, tiny_config):
+  if name not in _RUNS:
+    _RUNS[name] = run_steps(_set_mesh(tiny_config(), MESHES[name]), STEPS)
+  return _RUNS[name]
 
 
 @pytest.mark.parametrize('name', [m for m in MESHES if m != '1x1'])
-def test_mesh_matches_one_device(name, tiny_config, one_device_losses):
-  losses, state = run_steps(_set_mesh(tiny_config(), MESHES[name]), STEPS)
+def test_mesh_matches_one_device(name, tiny_config):
+  losses, _ = mesh_run(name, tiny_config)
+  one_device, _ = mesh_run('1x1', tiny_config)
   assert np.all(np.isfinite(losses))
   assert losses[0] != losses[-1]  # It trains: parameters change between steps.
-  np.testing.assert_allclose(losses, one_device_losses, rtol=1e-4)
+  np.testing.assert_allclose(losses, one_device, rtol=1e-4)
 
 
 def _specs(state):
@@ -75,29 +77,26 @@ def _specs(state):
           for path, leaf in flat}
 
 
-def test_parameters_and_optimizer_state_carry_the_configured_shardings(tiny_config):
-  config = _set_mesh(tiny_config(), MESHES['data2_model4'])
-  _, state = run_steps(config, 1)
-  specs = _specs(state)
-  kernels = {k: v for k, v in specs.items() if k.endswith('kernel') and 'model' in k}
-  assert kernels, specs.keys()
-  # Every conv kernel (kd, kh, kw, cin, cout) splits its output channels over 'model'.
+def test_tensor_parallel_shards_conv_outputs_and_their_adam_moments(tiny_config):
+  specs = _specs(mesh_run('data2_model4', tiny_config)[1])
+  kernels = {k: v for k, v in specs.items()
+             if k.startswith('model/') and k.endswith('kernel') and v != P()}
+  assert len(kernels) >= 8, specs
   for key, spec in kernels.items():
-    if key.count('/') and 'conv' in key:
+    if len(spec) == 5:  # A conv kernel (kd, kh, kw, cin, cout): output channels over 'model'.
       assert spec == P(None, None, None, None, 'model'), (key, spec)
-      # AdamW's first and second moments follow their parameter.
-      for moment in ('mu', 'nu'):
-        opt_key = next(k for k in specs if k.startswith('optimizer') and moment in k
-                       and k.endswith(key.removeprefix('model/')))
-        assert specs[opt_key] == spec, (opt_key, specs[opt_key])
+    # AdamW's first and second moments follow their parameter.
+    path = key.removeprefix('model/')
+    moments = [k for k in specs if k.startswith('optimizer/') and k.endswith(path)]
+    assert len(moments) == 2 and all(specs[m] == spec for m in moments), (key, moments)
 
-  fsdp_config = _set_mesh(tiny_config(), MESHES['fsdp8'])
-  _, fsdp_state = run_steps(fsdp_config, 1)
-  fsdp_specs = _specs(fsdp_state)
-  sharded = [k for k, v in fsdp_specs.items() if 'fsdp' in str(v)]
-  # Input channels of every kernel whose cin divides by 8 are sharded over fsdp (ZeRO-3).
-  assert any(k.startswith('model/') for k in sharded)
-  assert any(k.startswith('optimizer/') for k in sharded)
+
+def test_fsdp_shards_parameters_and_optimizer_state(tiny_config):
+  specs = _specs(mesh_run('fsdp8', tiny_config)[1])
+  sharded = [k for k, v in specs.items() if 'fsdp' in str(v)]
+  # Kernels whose input channels divide by 8 are sharded over fsdp (ZeRO-3), moments too.
+  assert any(k.startswith('model/') for k in sharded), specs
+  assert any(k.startswith('optimizer/') for k in sharded), specs
 
 
 def test_train_and_evaluate_end_to_end(tiny_config, tmp_path):

@@ -81,9 +81,14 @@ def mesh_shape(mesh_config: Any, num_devices: int) -> tuple[tuple[int, ...], tup
 
 
 def _num_granules(devices: Sequence[Any]) -> tuple[int, bool]:
-  """(number of slices or processes, whether processes are the granule)."""
-  if all(hasattr(d, 'slice_index') for d in devices):
-    return len({d.slice_index for d in devices}), False
+  """(number of slices, or of processes when all devices share one slice; whether processes).
+
+  TPU multislice devices carry distinct slice_index values; GPU and CPU hosts report one slice
+  (or none), and there the processes are what dcn axes span.
+  """
+  slices = {getattr(d, 'slice_index', 0) for d in devices}
+  if len(slices) > 1:
+    return len(slices), False
   return len({d.process_index for d in devices}), True
 
 
