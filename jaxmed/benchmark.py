@@ -39,7 +39,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -815,18 +814,14 @@ def main(argv):
   if _WHAT.value == 'compare':
     # JAX and PyTorch share the accelerator: keep JAX from taking 75% of its memory up front.
     os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.45')
-  from jaxmed.errors import UserError
+  from jaxmed.errors import exit_with_one_line
   from jaxmed.parallel import distributed
-  try:
+  with exit_with_one_line():
     distributed.initialize(config)
     workers = tuple(int(w) for w in _WORKERS.value.split(',') if w.strip())
     run(_WHAT.value, config, workdir, steps=_STEPS.value, warmup=_WARMUP.value,
         repeats=_REPEATS.value, seconds=_SECONDS.value, workers=workers,
         peak_size=_PEAK_SIZE.value)
-  except UserError as e:
-    logging.flush()
-    print(f'jaxmed: error: {e}', file=sys.stderr)
-    sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,10 @@
 exception is a bug and keeps its traceback.
 """
 
+import contextlib
+import sys
+from typing import Iterator
+
 
 class UserError(Exception):
   """An error whose message names the cause and the fix in one line."""
@@ -11,3 +15,15 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """A config value jaxmed cannot use; the message names the key and the values it accepts."""
+
+
+@contextlib.contextmanager
+def exit_with_one_line() -> Iterator[None]:
+  """For command-line entry points: a UserError becomes `jaxmed: error: ...` and exit status 1."""
+  try:
+    yield
+  except UserError as e:
+    from absl import logging
+    logging.flush()  # Log lines first, so the error is the last line a user sees.
+    print(f'jaxmed: error: {e}', file=sys.stderr)
+    sys.exit(1)

@@ -6,7 +6,6 @@
 
 import logging as logging_std
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -40,9 +39,10 @@ def main(argv):
   if config.compilation_cache_dir and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(config.compilation_cache_dir))
+  from jaxmed.errors import exit_with_one_line
   from jaxmed.parallel import distributed
-  from jaxmed.errors import UserError
-  try:
+  # Errors a user can fix end in one line naming the cause and the fix, not a traceback.
+  with exit_with_one_line():
     distributed.initialize(config)
     if _MODE.value == 'synthesize':
       from jaxmed.data import synthetic
@@ -59,12 +59,6 @@ def main(argv):
     elif _MODE.value == 'crossval':
       from jaxmed import crossval
       crossval.run_crossval(config, workdir)
-  except UserError as e:
-    # Errors a user can fix end in one line naming the cause and the fix, not a traceback.
-    logging.flush()
-    print(f'jaxmed: error: {e}', file=sys.stderr)
-    sys.exit(1)
-
 
 if __name__ == '__main__':
   app.run(main)

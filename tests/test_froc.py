@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from jaxmed.errors import UserError
 from jaxmed.evaluation import (FP_RATES, Annotations, EvaluationInputError, Predictions,
                                accuracy, bootstrap_froc, compute_froc, read_annotations,
                                read_predictions, read_seriesuids, roc_auc, roc_curve,
@@ -268,14 +269,14 @@ def test_read_annotations_and_one_line_errors(tmp_path):
   np.testing.assert_allclose(nodules.center_world[0], [-128.69, -175.31, -298.38])
   np.testing.assert_allclose(nodules.diameter_mm, [5.65, 4.22])
 
-  with pytest.raises(EvaluationInputError, match='not found') as missing:
+  with pytest.raises(UserError, match='does not exist') as missing:
     read_annotations(tmp_path / 'nope.csv')
   bad = tmp_path / 'bad.csv'
   bad.write_text('seriesuid,coordX,coordY,coordZ\n1.2.3,1,2,3\n')
-  with pytest.raises(EvaluationInputError, match='lacks column diameter_mm') as no_column:
+  with pytest.raises(UserError, match='lacks column diameter_mm') as no_column:
     read_annotations(bad)
   bad.write_text('seriesuid,coordX,coordY,coordZ,probability\n1.2.3,1,2,x,0.5\n')
-  with pytest.raises(EvaluationInputError, match=r'bad.csv:2') as bad_value:
+  with pytest.raises(UserError, match=r'bad.csv: column coordZ has .x. on data row 1') as bad_value:
     read_predictions(bad)
   for error in (missing, no_column, bad_value):
     assert '\n' not in str(error.value)

@@ -78,16 +78,19 @@ def find_scans(raw_dir: str) -> dict[str, Scan]:
   return scans
 
 
-def read_csv(path: str, columns: tuple[str, ...], config_key: str) -> dict[str, np.ndarray]:
-  """Reads the named columns of a CSV with a header row (`config_key` names its config key).
+def read_csv(path: str, columns: tuple[str, ...],
+             config_key: str | None = None) -> dict[str, np.ndarray]:
+  """Reads the named columns of a CSV with a header row (`config_key`: its config key, if any).
 
   Returns column -> array: 'seriesuid' as str objects, 'class' as int64, the rest float64.
   Raises DataError naming the file (and the column) if it is missing, lacks a column or holds a
   value that is not a number.
   """
+  path = os.fspath(path)
   if not os.path.isfile(path):
-    raise DataError(f'CSV file {path} does not exist: put it there or set '
-                    f'--config.data.{config_key}')
+    fix = (f'put it there or set --config.data.{config_key}' if config_key else
+           f'pass the path of a CSV with columns {",".join(columns)}')
+    raise DataError(f'CSV file {path} does not exist: {fix}')
   with open(path, newline='') as f:
     reader = csv.reader(f)
     header = [name.strip() for name in next(reader, [])]

@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxmed.data import luna16
 from jaxmed.errors import UserError
 
 # FP-per-scan rates whose mean sensitivity is the CPM (LUNA16).
@@ -463,36 +464,14 @@ _ANNOTATION_COLUMNS = ('seriesuid', 'coordX', 'coordY', 'coordZ', 'diameter_mm')
 _PREDICTION_COLUMNS = ('seriesuid', 'coordX', 'coordY', 'coordZ', 'probability')
 
 
-def _read_columns(path, columns: tuple[str, ...], what: str) -> tuple[list[str], np.ndarray]:
-  """(seriesuids, (rows, len(columns) - 1) float64) from a CSV with a header row."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise EvaluationInputError(f'{what} file {path} not found: pass the path to a CSV with '
-                               f'columns {",".join(columns)}')
-  with open(path, newline='') as f:
-    reader = csv.reader(f)
-    header = [name.strip() for name in next(reader, [])]
-    missing = [c for c in columns if c not in header]
-    if missing:
-      raise EvaluationInputError(
-          f'{what} file {path} lacks column {",".join(missing)} (header: {",".join(header)}); '
-          f'expected {",".join(columns)}')
-    index = [header.index(c) for c in columns]
-    uids, numbers = [], []
-    for line_number, row in enumerate(reader, start=2):
-      if not row or all(not cell.strip() for cell in row):
-        continue
-      if len(row) < len(header):
-        raise EvaluationInputError(f'{path}:{line_number}: {len(row)} fields, header has '
-                                   f'{len(header)}; fix or remove that line')
-      uids.append(row[index[0]].strip())
-      try:
-        numbers.append([float(row[i]) for i in index[1:]])
-      except ValueError:
-        raise EvaluationInputError(
-            f'{path}:{line_number}: non-numeric value in '
-            f'{",".join(columns[1:])}: {",".join(row[i] for i in index[1:])}') from None
-  return uids, np.asarray(numbers, np.float64).reshape(-1, len(columns) - 1)
+def _read_columns(path, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+  """(seriesuids (rows,) str, (rows, len(columns) - 1) float64) from a CSV with a header row.
+
+  Missing file or column, or a non-number, raise luna16.DataError (one line naming the file).
+  """
+  table = luna16.read_csv(path, columns)
+  numbers = np.stack([table[c] for c in columns[1:]], axis=1).reshape(-1, len(columns) - 1)
+  return table['seriesuid'].astype(str), numbers
 
 
 def read_annotations(path) -> Annotations:
@@ -500,14 +479,14 @@ def read_annotations(path) -> Annotations:
 
   Columns seriesuid,coordX,coordY,coordZ,diameter_mm (world mm); others are ignored.
   """
-  uids, numbers = _read_columns(path, _ANNOTATION_COLUMNS, 'annotations')
-  return Annotations(np.asarray(uids, dtype=str), numbers[:, :3], numbers[:, 3])
+  uids, numbers = _read_columns(path, _ANNOTATION_COLUMNS)
+  return Annotations(uids, numbers[:, :3], numbers[:, 3])
 
 
 def read_predictions(path) -> Predictions:
   """Scored candidates from a LUNA16 submission CSV: seriesuid,coordX,coordY,coordZ,probability."""
-  uids, numbers = _read_columns(path, _PREDICTION_COLUMNS, 'predictions')
-  return Predictions(np.asarray(uids, dtype=str), numbers[:, :3], numbers[:, 3])
+  uids, numbers = _read_columns(path, _PREDICTION_COLUMNS)
+  return Predictions(uids, numbers[:, :3], numbers[:, 3])
 
 
 def read_seriesuids(path) -> np.ndarray:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
+from jaxmed import files
 from jaxmed.evaluation.froc import FP_RATES, EvaluationInputError, FROCConfidence, FROCResult
 from jaxmed.evaluation.roc import roc_auc, roc_curve
 
@@ -33,22 +33,10 @@ def _new_figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
 
 
 def save_png(fig: Figure, path) -> str:
-  """Writes `fig` to `path` as PNG via a temporary file and a rename; returns the path."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      fig.savefig(f, format='png', dpi=fig.dpi)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
+  """Writes `fig` to `path` as PNG, atomically (jaxmed.files.atomic_write); returns the path."""
+  with files.atomic_write(path, 'wb') as f:
+    fig.savefig(f, format='png', dpi=fig.dpi)
+  return os.fspath(path)
 
 
 def figure_to_image(fig: Figure) -> np.ndarray:

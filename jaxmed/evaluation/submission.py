@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 
+from jaxmed import files
 from jaxmed.evaluation.froc import Predictions
 
 HEADER = ('seriesuid', 'coordX', 'coordY', 'coordZ', 'probability')
@@ -20,28 +20,14 @@ def write_predictions_csv(path, seriesuid, center_world, probability) -> str:
   """
   # Predictions validates shapes, decodes bytes uids and rejects NaN probabilities.
   rows = Predictions(seriesuid, center_world, probability)
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w', newline='') as f:
-      writer = csv.writer(f, lineterminator='\n')
-      writer.writerow(HEADER)
-      # repr of a Python float is the shortest round-trip form.
-      xyz = rows.center_world.tolist()
-      prob = rows.probability.tolist()
-      writer.writerows(
-          (uid, repr(x), repr(y), repr(z), repr(p))
-          for uid, (x, y, z), p in zip(rows.seriesuid.tolist(), xyz, prob))
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for sharing.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
+  with files.atomic_write(path, 'w', newline='') as f:
+    writer = csv.writer(f, lineterminator='\n')
+    writer.writerow(HEADER)
+    # repr of a Python float is the shortest round-trip form.
+    xyz = rows.center_world.tolist()
+    prob = rows.probability.tolist()
+    writer.writerows(
+        (uid, repr(x), repr(y), repr(z), repr(p))
+        for uid, (x, y, z), p in zip(rows.seriesuid.tolist(), xyz, prob))
+  return os.fspath(path)
 

@@ -1,0 +1,32 @@
+"""Files that appear complete or not at all: write to a temporary name beside, then rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = 'w', **open_kwargs) -> Iterator[IO]:
+  """Opens a temporary file next to `path`; on success it replaces `path` (readable by all).
+
+  If the block raises, the temporary file is removed and an existing `path` stays untouched.
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
+                             suffix='.tmp')
+  try:
+    with os.fdopen(fd, mode, **open_kwargs) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for sharing.
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
