@@ -44,12 +44,14 @@ def analytic_resnet_params(depth: int, width: int, stem_kernel: int = 7) -> int:
 
 @pytest.mark.parametrize('depth', [10, 18, 34])
 def test_resnet_param_count_matches_the_analytic_count(depth):
-  model = nnx.eval_shape(lambda: create_model(model_config(depth=depth), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+      lambda: create_model(model_config(depth=depth, width=64), rngs=nnx.Rngs(0)))
   assert count_params(model) == analytic_resnet_params(depth, 64)
 
 
 def test_resnet18_at_width_64_has_about_33m_params():
-  model = nnx.eval_shape(lambda: create_model(model_config(depth=18), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+      lambda: create_model(model_config(depth=18, width=64), rngs=nnx.Rngs(0)))
   assert count_params(model) == 33_158_721
 
 
