@@ -11,7 +11,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -109,13 +109,10 @@ def init_sharded_state(config, mesh, rules) -> tuple[nnx.GraphDef, nnx.State, An
 
 # ---- the steps --------------------------------------------------------------------------------
 
-def bce_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-  """Mean sigmoid binary cross-entropy, in float32, optionally weighted (padding weight 0)."""
-  losses = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
-                                              labels.astype(jnp.float32))
-  if weights is None:
-    return losses.mean()
-  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean sigmoid binary cross-entropy in float32; logits and labels (B,)."""
+  return optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32),
+                                            labels.astype(jnp.float32)).mean()
 
 
 def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array],
@@ -144,12 +141,18 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
 
 
 def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], *,
-              config: ml_collections.ConfigDict) -> jax.Array:
-  """Probabilities (B,) float32 for the centre crops of an evaluation batch (running BN stats)."""
+              config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  """Scores the centre crops of an evaluation batch (BatchNorm with its running statistics).
+
+  Returns probability float32 (B,) with the batch's label, row and mask, so one replicated
+  output carries everything the host needs.
+  """
   images = augment.center_crop_window(batch['crops'], config.data.crop_size, config.data.hu_window)
   ts = nnx.merge(graphdef, state)
   ts.model.eval()
-  return jax.nn.sigmoid(ts.model(images).astype(jnp.float32))
+  probability = jax.nn.sigmoid(ts.model(images).astype(jnp.float32))
+  return {'probability': probability, 'label': batch['label'], 'row': batch['row'],
+          'mask': batch['mask']}
 
 
 def make_train_step(graphdef, state_shardings, config) -> Callable:
@@ -163,31 +166,23 @@ def make_train_step(graphdef, state_shardings, config) -> Callable:
 
 
 def make_eval_step(graphdef, state_shardings, mesh, config) -> Callable:
-  """Jitted eval_step(state, batch) -> probabilities (B,), replicated so every host has them."""
+  """Jitted eval_step(state, batch), its outputs replicated so every host has all of them."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return jax.jit(functools.partial(eval_step, graphdef, config=config),
                  in_shardings=(state_shardings, None), out_shardings=replicated)
 
 
 def predict(eval_fn: Callable, state: nnx.State, config, subsets, batch_sharding,
-            skip_excluded: bool = False) -> dict:
-  """Scores every example of `subsets` once; returns numpy row, label, probability (N,)."""
-  rows, labels, probs = [], [], []
-  iterator = pipeline.make_eval_iterator(config, subsets, batch_sharding, skip_excluded)
-  try:
-    for batch in iterator:
-      p = np.asarray(eval_fn(state, batch))
-      mask = np.asarray(multihost_utils.process_allgather(batch['mask'], tiled=True))
-      rows.append(np.asarray(multihost_utils.process_allgather(batch['row'], tiled=True))[mask])
-      labels.append(
-          np.asarray(multihost_utils.process_allgather(batch['label'], tiled=True))[mask])
-      probs.append(p[mask])
-  finally:
-    if hasattr(iterator, 'close'):
-      iterator.close()
-  cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros((0,), dtype)
-  return {'row': cat(rows, np.int64), 'label': cat(labels, np.int32),
-          'probability': cat(probs, np.float32)}
+            skip_excluded: bool = False) -> dict[str, np.ndarray]:
+  """Scores every example of `subsets` once: file row, label and probability (N,), file order."""
+  scored = []
+  with pipeline.make_eval_iterator(config, subsets, batch_sharding, skip_excluded) as batches:
+    for batch in batches:
+      out = jax.device_get(eval_fn(state, batch))
+      scored.append({k: v[out['mask']] for k, v in out.items() if k != 'mask'})
+  empty = {'row': np.int64, 'label': np.int32, 'probability': np.float32}
+  return {k: np.concatenate([b[k] for b in scored]) if scored else np.zeros((0,), dtype)
+          for k, dtype in empty.items()}
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -341,8 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           break
     finally:
       watch.close()
-      if hasattr(train_iter, 'close'):
-        train_iter.close()
+      train_iter.close()
       checkpointer.close()
       writer.close()
   return {'step': step, **val_metrics}
