@@ -341,8 +341,11 @@ def test_local_real_jax_distributed_two_processes_four_devices(tmp_path):
       import jax
       from jax.experimental import multihost_utils
       ids = multihost_utils.process_allgather(np.array([jax.process_index()]))
-      print('RESULT', jax.process_index(), jax.process_count(), jax.device_count(),
-            jax.local_device_count(), ids.ravel().tolist())
+      # One write call: gloo's own log lines go to the same file and must not split this one.
+      sys.stdout.write(f'RESULT {jax.process_index()} {jax.process_count()} '
+                       f'{jax.device_count()} {jax.local_device_count()} '
+                       f'{ids.ravel().tolist()}\\n')
+      sys.stdout.flush()
       """)
   proc, _ = _local(tmp_path, code, '-n', '2', '-d', '2', '-t', '120', '-g', '3',
                    timeout=150)
