@@ -564,6 +564,7 @@ def benchmark_comms(config) -> dict[str, Any]:
 def benchmark_checkpoint(config, workdir: str, repeats: int = 2) -> dict[str, Any]:
   """Seconds to save (until save() returns, and until on disk) and restore the train state."""
   import jax
+  from flax import nnx
 
   from jaxmed import checkpointing
   from jaxmed import train
@@ -583,7 +584,7 @@ def benchmark_checkpoint(config, workdir: str, repeats: int = 2) -> dict[str, An
       try:
         for step in range(1, repeats + 1):
           t0 = time.perf_counter()
-          checkpointer.save(step, state.to_pure_dict())
+          checkpointer.save(step, nnx.to_pure_dict(state))
           returns.append(time.perf_counter() - t0)
           checkpointer.wait()
           saves.append(time.perf_counter() - t0)
