@@ -16,7 +16,6 @@ import json
 import os
 from typing import Any
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -116,9 +115,3 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
 
-
-def abstract_like(state: Any) -> Any:
-  """ShapeDtypeStructs (with shardings) for a pytree of jax.Arrays or ShapeDtypeStructs."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)),
-      state)

@@ -25,8 +25,6 @@ how XLA computes, not what: outputs agree with 'none' to float rounding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -210,17 +208,10 @@ class ResNet3D(nnx.Module):
     self.stem_pool = stem_pool
     self.stem_conv = conv3d(in_channels, width, stem_kernel, stem_stride, **kw)
     self.stem_norm = batch_norm(width, **kw)
-    blocks = []
-    channels = width
-    for stage, (num_blocks, multiplier) in enumerate(zip(STAGE_BLOCKS[depth],
-                                                         STAGE_MULTIPLIERS)):
-      for index in range(num_blocks):
-        out_channels = width * multiplier
-        stride = 2 if stage > 0 and index == 0 else 1
-        blocks.append(PreActBasicBlock(
-            channels, out_channels, stride, preactivate=bool(stage or index),
-            space_to_depth=space_to_depth == 'all', **kw))
-        channels = out_channels
+    blocks = [PreActBasicBlock(cin, cout, stride, preactivate=preactivate,
+                               space_to_depth=space_to_depth == 'all', **kw)
+              for cin, cout, stride, preactivate in block_plan(depth, width)]
+    channels = width * STAGE_MULTIPLIERS[-1]
     self.blocks = nnx.List(blocks)
     self.head = ClassifierHead(channels, **kw)
 
@@ -235,6 +226,17 @@ class ResNet3D(nnx.Module):
     return self.head(x)
 
 
-def blocks_per_stage(depth: int) -> Sequence[int]:
-  """Basic blocks in each of the four stages for a ResNet of this depth."""
-  return STAGE_BLOCKS[depth]
+def block_plan(depth: int, width: int) -> list[tuple[int, int, int, bool]]:
+  """(in channels, out channels, stride, pre-activate) of every basic block, in order.
+
+  Stages 2-4 start with a stride-2 block; the very first block skips its pre-activation because
+  the stem already ran BN-ReLU. Shared with the PyTorch twin so both build the same network.
+  """
+  plan, channels = [], width
+  for stage, (num_blocks, multiplier) in enumerate(zip(STAGE_BLOCKS[depth], STAGE_MULTIPLIERS)):
+    for index in range(num_blocks):
+      out_channels = width * multiplier
+      plan.append((channels, out_channels, 2 if stage > 0 and index == 0 else 1,
+                   bool(stage or index)))
+      channels = out_channels
+  return plan

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaxmed.models.resnet3d import STAGE_BLOCKS, STAGE_MULTIPLIERS, same_padding
+from jaxmed.models.resnet3d import STAGE_MULTIPLIERS, block_plan, same_padding
 
 
 class SameConv3d(nn.Conv3d):
@@ -100,16 +100,9 @@ class ResNet3D(nn.Module):
     self.stem_pool = stem_pool
     self.stem_conv = SameConv3d(in_channels, width, stem_kernel, stem_stride)
     self.stem_norm = batch_norm(width)
-    blocks = []
-    channels = width
-    for stage, (num_blocks, multiplier) in enumerate(zip(STAGE_BLOCKS[depth],
-                                                         STAGE_MULTIPLIERS)):
-      for index in range(num_blocks):
-        out_channels = width * multiplier
-        stride = 2 if stage > 0 and index == 0 else 1
-        blocks.append(PreActBasicBlock(channels, out_channels, stride,
-                                       preactivate=bool(stage or index)))
-        channels = out_channels
+    blocks = [PreActBasicBlock(cin, cout, stride, preactivate=preactivate)
+              for cin, cout, stride, preactivate in block_plan(depth, width)]
+    channels = width * STAGE_MULTIPLIERS[-1]
     self.blocks = nn.ModuleList(blocks)
     self.head = ClassifierHead(channels)
 
