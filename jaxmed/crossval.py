@@ -61,8 +61,8 @@ def run_crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if jax.process_index() != 0:
     return {}
 
-  merged = [froc.read_predictions(p) for p in parts]
-  predictions = froc.Predictions(np.concatenate([m.seriesuid for m in merged]),
+  merged = [submission.read_predictions(p) for p in parts]
+  predictions = submission.Predictions(np.concatenate([m.seriesuid for m in merged]),
                                  np.concatenate([m.center_world for m in merged]),
                                  np.concatenate([m.probability for m in merged]))
   submission.write_predictions_csv(os.path.join(workdir, 'predictions.csv'),

@@ -53,12 +53,13 @@ def _read_crops(crops_path: str, rows: np.ndarray) -> np.ndarray:
     return np.stack([f['crops'][int(r)] for r in rows]) if len(rows) else np.zeros((0, 1, 1, 1))
 
 
-def froc_metrics(config, predictions: froc.Predictions, subsets, workdir, step,
+def froc_metrics(config, predictions: submission.Predictions, subsets, workdir, step,
                  writer) -> dict[str, Any]:
   """LUNA16 FROC over the scans of `subsets`; plots into workdir; returns metrics to log."""
-  annotations = froc.read_annotations(_raw_path(config, config.data.annotations_csv))
-  excluded = (froc.read_annotations(_raw_path(config, config.data.annotations_excluded_csv))
-              if config.data.annotations_excluded_csv else None)
+  annotations = submission.read_annotations(_raw_path(config, config.data.annotations_csv))
+  excluded_csv = config.data.annotations_excluded_csv
+  excluded = (submission.read_annotations(_raw_path(config, excluded_csv))
+              if excluded_csv else None)
   # The scans evaluated: every scan of these subsets that the crops file holds.
   with h5py.File(config.data.crops_file, 'r') as f:
     in_subsets = np.isin(f['subset'][:], subsets)
@@ -103,7 +104,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         os.path.join(workdir, 'predictions.csv'), table['seriesuid'], table['center_world'],
         scores['probability'])
     logging.info('wrote %d predictions to %s', len(scores['row']), csv_path)
-    predictions = froc.Predictions(table['seriesuid'], table['center_world'],
+    predictions = submission.Predictions(table['seriesuid'], table['center_world'],
                                    scores['probability'])
     metrics.update(froc_metrics(config, predictions, subsets, workdir, step, writer))
     _plots(config, scores, workdir, step, writer)

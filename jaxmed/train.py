@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from jaxmed import checkpointing
 from jaxmed import reporting
 from jaxmed.data import augment
-from jaxmed.data import pipeline
+from jaxmed.data import loader
 from jaxmed.data import prepare
 from jaxmed.errors import UserError
 from jaxmed.evaluation import roc
@@ -176,7 +176,7 @@ def predict(eval_fn: Callable, state: nnx.State, config, subsets, batch_sharding
             skip_excluded: bool = False) -> dict[str, np.ndarray]:
   """Scores every example of `subsets` once: file row, label and probability (N,), file order."""
   scored = []
-  with pipeline.make_eval_iterator(config, subsets, batch_sharding, skip_excluded) as batches:
+  with loader.make_eval_iterator(config, subsets, batch_sharding, skip_excluded) as batches:
     for batch in batches:
       out = jax.device_get(eval_fn(state, batch))
       scored.append({k: v[out['mask']] for k, v in out.items() if k != 'mask'})
@@ -277,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_step_fn = make_eval_step(graphdef, state_shardings, mesh, config)
     writer = reporting.MetricWriter(workdir, enabled=is_main)
     watch = PreemptionWatch()
-    train_iter = pipeline.make_train_iterator(config, batch_sharding, start_step)
+    train_iter = loader.make_train_iterator(config, batch_sharding, start_step)
     val_metrics: dict[str, Any] = {}
     step = start_step
     try:
@@ -298,8 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step == profile_start and is_main:
           jax.profiler.start_trace(os.path.join(workdir, 'profile'))
         state, metrics = train_step_fn(state, batch, jnp.int32(step))
-        # Waiting on each step's scalars keeps multi-host collectives from piling up (FACTS.md)
-        # and lets the NaN guard stop before a bad state is ever checkpointed.
+        # Waiting on each step's scalars keeps multi-host collectives from piling up (on CPU,
+        # about 100 un-awaited collective steps hung two gloo processes) and lets the NaN guard stop before a bad state is ever checkpointed.
         metrics = jax.device_get(metrics)
         _check_finite(step, metrics, checkpointer)
         history.append(metrics)

@@ -1,4 +1,5 @@
-"""The Grain input pipeline over a small schema-v1 crops file whose truth is known.
+"""The input pipeline (crops source, training order, Grain loader) over a small schema-v1 crops
+file whose truth is known.
 
 Crop i is filled with the value i, so every test can tell which file row landed where.
 """
@@ -18,8 +19,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs import default
+from jaxmed.benchmarks import input as input_benchmark
 from jaxmed.data import crops_file
-from jaxmed.data import pipeline
+from jaxmed.data import loader
+from jaxmed.data import sampling
+from jaxmed.data import source as source_lib
 
 NUM_CROPS = 120
 STORED = 8
@@ -74,7 +78,8 @@ def batch_sharding():
 
 def train_rows(config):
   path = config.data.crops_file
-  return pipeline.split_by_label(path, pipeline.split_rows(path, TRAIN_SUBSETS, skip_excluded=True))
+  return source_lib.split_by_label(
+      path, source_lib.split_rows(path, TRAIN_SUBSETS, skip_excluded=True))
 
 
 def take(iterator, n):
@@ -82,8 +87,41 @@ def take(iterator, n):
     return [jax.tree.map(np.asarray, next(iterator)) for _ in range(n)]
 
 
+def rows_for_process(global_batch_size, process_index, process_count, mesh_processes=None,
+                     batch_axes=(0,)):
+  """Positions in the global batch (int64, increasing) that process `process_index` holds.
+
+  Pure simulation of loader.process_batch_rows, for process counts a test cannot start. The
+  batch is split into equal shards over the mesh axes `batch_axes` (major first, as in
+  PartitionSpec(('data', 'fsdp'))); a process holds every shard one of its devices holds.
+  Processes that differ only along other axes (model, spatial) hold the same rows.
+
+  Args:
+    global_batch_size: B.
+    process_index, process_count: the process simulated, and how many there are.
+    mesh_processes: int array with the mesh's shape: the process of each device. None means
+      a 1-D data mesh with one device per process.
+    batch_axes: dimensions of `mesh_processes` that split the batch.
+  """
+  if mesh_processes is None:
+    mesh_processes, batch_axes = np.arange(process_count), (0,)
+  mesh_processes = np.asarray(mesh_processes)
+  if not 0 <= process_index < process_count or mesh_processes.max() >= process_count:
+    raise ValueError(f'process index {process_index} / mesh processes {mesh_processes.max()} '
+                     f'outside process count {process_count}')
+  batch_axes = tuple(batch_axes)
+  num_shards = int(np.prod([mesh_processes.shape[a] for a in batch_axes]))
+  loader._check_divisible(global_batch_size, num_shards, batch_axes)
+  other_axes = [a for a in range(mesh_processes.ndim) if a not in batch_axes]
+  by_shard = np.transpose(mesh_processes, batch_axes + tuple(other_axes)).reshape(num_shards, -1)
+  shard_size = global_batch_size // num_shards
+  shards = [s for s in range(num_shards) if np.any(by_shard[s] == process_index)]
+  return np.concatenate([np.arange(s * shard_size, (s + 1) * shard_size) for s in shards]
+                        ).astype(np.int64)
+
+
 def test_source_item_is_the_requested_row_and_survives_pickling(config):
-  source = pipeline.CropsSource(config.data.crops_file)
+  source = source_lib.CropsSource(config.data.crops_file)
   item = source[17]
   assert item['crops'].dtype == np.int16 and item['crops'].shape == (STORED,) * 3
   assert np.all(item['crops'] == 17) and item['label'] == LABEL[17] and item['index'] == 17
@@ -93,12 +131,12 @@ def test_source_item_is_the_requested_row_and_survives_pickling(config):
 
 def test_source_reads_the_same_crops_from_any_hdf5_layout(config, tmp_path):
   rows = np.array([5, 6, 7, 90, 3, 4, 119])  # Consecutive runs and single rows.
-  expected = pipeline.CropsSource(config.data.crops_file).read(rows)['crops']
+  expected = source_lib.CropsSource(config.data.crops_file).read(rows)['crops']
   for name, layout in (('gzip', dict(chunks=(2, 4, 8, 8), compression='gzip')),
                        ('contiguous', dict(chunks=None))):
     write_crops_file(tmp_path / f'{name}.h5', **layout)
-    np.testing.assert_array_equal(pipeline.CropsSource(tmp_path / f'{name}.h5').read(rows)['crops'],
-                                  expected)
+    np.testing.assert_array_equal(
+        source_lib.CropsSource(tmp_path / f'{name}.h5').read(rows)['crops'], expected)
   np.testing.assert_array_equal(expected[:, 1, 2, 3], rows)
 
 
@@ -107,13 +145,13 @@ def test_source_rejects_a_file_that_is_not_schema_v1(tmp_path):
   with h5py.File(path, 'w') as f:
     f['input'] = np.zeros((2, 4, 4, 4), np.float32)
   with pytest.raises(crops_file.CropsFileError, match='schema_version'):
-    pipeline.CropsSource(path)
+    source_lib.CropsSource(path)
 
 
 def test_split_rows_follow_subsets_and_training_drops_excluded(config):
   path = config.data.crops_file
-  training = pipeline.split_rows(path, TRAIN_SUBSETS, skip_excluded=True)
-  evaluation = pipeline.split_rows(path, EVAL_SUBSETS, skip_excluded=False)
+  training = source_lib.split_rows(path, TRAIN_SUBSETS, skip_excluded=True)
+  evaluation = source_lib.split_rows(path, EVAL_SUBSETS, skip_excluded=False)
   np.testing.assert_array_equal(training, ROWS[(SUBSET < 8) & ~EXCLUDE])
   np.testing.assert_array_equal(evaluation, ROWS[SUBSET >= 8])
   assert EXCLUDE[evaluation].any()  # Evaluation keeps every candidate.
@@ -121,7 +159,7 @@ def test_split_rows_follow_subsets_and_training_drops_excluded(config):
 
 def test_train_batch_rows_depend_only_on_seed_and_step(config):
   positive, negative = train_rows(config)
-  batch = lambda seed, step: pipeline.train_batch_rows(seed, step, BATCH, positive, negative,
+  batch = lambda seed, step: sampling.train_batch_rows(seed, step, BATCH, positive, negative,
                                                        POSITIVE_FRACTION)
   np.testing.assert_array_equal(batch(7, 5), batch(7, 5))
   assert not np.array_equal(batch(7, 5), batch(7, 6))
@@ -130,26 +168,26 @@ def test_train_batch_rows_depend_only_on_seed_and_step(config):
 
 def test_positive_stream_visits_each_positive_once_per_epoch(config):
   positive, negative = train_rows(config)
-  per_batch = pipeline.positives_per_batch(BATCH, POSITIVE_FRACTION)
+  per_batch = sampling.positives_per_batch(BATCH, POSITIVE_FRACTION)
   steps_per_epoch = len(positive) // per_batch
   assert steps_per_epoch * per_batch == len(positive)  # The fixture is built so.
   for epoch in range(3):
     seen = np.concatenate([
-        pipeline.train_batch_rows(7, step, BATCH, positive, negative, POSITIVE_FRACTION)
+        sampling.train_batch_rows(7, step, BATCH, positive, negative, POSITIVE_FRACTION)
         for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)])
     np.testing.assert_array_equal(np.sort(seen[LABEL[seen] == 1]), positive)
 
 
 def test_rows_for_process_split_a_data_parallel_batch(config):
   for process_count in (1, 2, 4):
-    local = [pipeline.rows_for_process(BATCH, p, process_count) for p in range(process_count)]
+    local = [rows_for_process(BATCH, p, process_count) for p in range(process_count)]
     np.testing.assert_array_equal(np.concatenate(local), np.arange(BATCH))
 
 
 def test_processes_along_a_model_axis_hold_identical_rows(batch_sharding):
   # Mesh (data 2, model 4) over 4 processes of 2 devices: a model axis spanning processes.
   mesh_processes = np.array([[0, 0, 1, 1], [2, 2, 3, 3]])
-  local = [pipeline.rows_for_process(BATCH, p, 4, mesh_processes, batch_axes=(0,))
+  local = [rows_for_process(BATCH, p, 4, mesh_processes, batch_axes=(0,))
            for p in range(4)]
   np.testing.assert_array_equal(local[0], local[1])
   np.testing.assert_array_equal(local[2], local[3])
@@ -166,22 +204,22 @@ def test_processes_along_a_model_axis_hold_identical_rows(batch_sharding):
 
 
 def test_process_batch_rows_follow_the_sharding(batch_sharding):
-  np.testing.assert_array_equal(pipeline.process_batch_rows(batch_sharding, BATCH),
+  np.testing.assert_array_equal(loader.process_batch_rows(batch_sharding, BATCH),
                                 np.arange(BATCH))  # One process holds all 8 devices.
   with pytest.raises(ValueError, match='not divisible by the 8 shards'):
-    pipeline.process_batch_rows(batch_sharding, 12)
+    loader.process_batch_rows(batch_sharding, 12)
 
 
 def test_simulated_processes_assemble_the_same_global_batch(config):
   positive, negative = train_rows(config)
-  source = pipeline.CropsSource(config.data.crops_file)
-  whole = pipeline._TrainBatchLoader(source, 7, BATCH, np.arange(BATCH), positive, negative,
-                                     POSITIVE_FRACTION)(4)
-  np.testing.assert_array_equal(whole['row'], pipeline.train_batch_rows(
+  source = source_lib.CropsSource(config.data.crops_file)
+  whole = loader._TrainBatchLoader(source, 7, BATCH, np.arange(BATCH), positive, negative,
+                                   POSITIVE_FRACTION)(4)
+  np.testing.assert_array_equal(whole['row'], sampling.train_batch_rows(
       7, 4, BATCH, positive, negative, POSITIVE_FRACTION))
   for process_count in (1, 2, 4):
-    parts = [pipeline._TrainBatchLoader(
-        source, 7, BATCH, pipeline.rows_for_process(BATCH, p, process_count), positive,
+    parts = [loader._TrainBatchLoader(
+        source, 7, BATCH, rows_for_process(BATCH, p, process_count), positive,
         negative, POSITIVE_FRACTION)(4) for p in range(process_count)]
     for name in whole:
       np.testing.assert_array_equal(np.concatenate([part[name] for part in parts]), whole[name])
@@ -193,12 +231,12 @@ def test_same_batches_with_0_1_and_2_workers(config, batch_sharding):
   for workers in (0, 1, 2):
     config.data.workers = workers
     try:
-      runs.append(take(pipeline.make_train_iterator(config, batch_sharding, 0), 3))
+      runs.append(take(loader.make_train_iterator(config, batch_sharding, 0), 3))
     finally:
       config.data.workers = 0
   positive, negative = train_rows(config)
   for step, batch in enumerate(runs[0]):
-    np.testing.assert_array_equal(batch['row'], pipeline.train_batch_rows(
+    np.testing.assert_array_equal(batch['row'], sampling.train_batch_rows(
         config.seed, step, BATCH, positive, negative, POSITIVE_FRACTION))
     np.testing.assert_array_equal(batch['crops'][:, 0, 0, 0], batch['row'])  # Known truth.
     np.testing.assert_array_equal(batch['label'], LABEL[batch['row']])
@@ -211,7 +249,7 @@ def test_same_batches_with_0_1_and_2_workers(config, batch_sharding):
 
 def test_training_batches_have_the_configured_positive_count_and_no_excluded(
     config, batch_sharding):
-  batches = take(pipeline.make_train_iterator(config, batch_sharding, 0), 12)
+  batches = take(loader.make_train_iterator(config, batch_sharding, 0), 12)
   for batch in batches:
     assert batch['crops'].dtype == np.int16 and batch['crops'].shape == (BATCH,) + (STORED,) * 3
     assert batch['label'].sum() == round(BATCH * POSITIVE_FRACTION)
@@ -220,17 +258,17 @@ def test_training_batches_have_the_configured_positive_count_and_no_excluded(
 
 
 def test_resuming_at_step_k_gives_the_same_batches(config, batch_sharding):
-  from_zero = take(pipeline.make_train_iterator(config, batch_sharding, 0), 5)[3:]
-  resumed = take(pipeline.make_train_iterator(config, batch_sharding, 3), 2)
+  from_zero = take(loader.make_train_iterator(config, batch_sharding, 0), 5)[3:]
+  resumed = take(loader.make_train_iterator(config, batch_sharding, 3), 2)
   for batch, same in zip(from_zero, resumed):
     for name in batch:
       np.testing.assert_array_equal(batch[name], same[name])
 
 
 def test_eval_visits_every_example_once_in_file_order(config, batch_sharding):
-  iterator = pipeline.make_eval_iterator(config, EVAL_SUBSETS, batch_sharding)
+  iterator = loader.make_eval_iterator(config, EVAL_SUBSETS, batch_sharding)
   expected = ROWS[SUBSET >= 8]
-  assert len(iterator) == pipeline.eval_num_batches(config, EVAL_SUBSETS) == -(
+  assert len(iterator) == loader.eval_num_batches(config, EVAL_SUBSETS) == -(
       -len(expected) // BATCH)
   batches = [jax.tree.map(np.asarray, batch) for batch in iterator]
   assert len(batches) == len(iterator)
@@ -253,7 +291,7 @@ def test_workers_exit_without_leaks(config, tmp_path):
       import jax
       import numpy as np
       from configs import default
-      from jaxmed.data import pipeline
+      from jaxmed.data import loader
 
       def workers():  # Live child processes, but multiprocessing's resource tracker.
         pids = []
@@ -277,7 +315,7 @@ def test_workers_exit_without_leaks(config, tmp_path):
         config.data.workers = 2
         config.train.global_batch_size = {BATCH}
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        with pipeline.make_train_iterator(config, sharding, 0) as batches:
+        with loader.make_train_iterator(config, sharding, 0) as batches:
           for _ in range(4):
             next(batches)['crops'].block_until_ready()
           assert len(workers()) == 2, workers()
@@ -292,8 +330,8 @@ def test_workers_exit_without_leaks(config, tmp_path):
 
 
 def test_benchmark_input_reports_rates(config):
-  results = pipeline.benchmark_input(config, crop_sizes=(6,), workers=(0,), seconds=0.05,
-                                     file_mb=1)
+  results = input_benchmark.benchmark_input(config, crop_sizes=(6,), workers=(0,),
+                                            seconds=0.05, file_mb=1)
   assert {r['mode'] for r in results} == {'h5py', 'loader', 'loader+augment'}
   assert all(r['crops_per_s'] > 0 and r['stored_size'] == STORED for r in results)
 
@@ -309,7 +347,7 @@ jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=proc
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from configs import default
-from jaxmed.data import pipeline
+from jaxmed.data import loader
 
 config = default.get_config()
 config.seed = 7
@@ -323,8 +361,8 @@ meshes = {'data_across': devices.reshape(2, 4, 1, 1),  # Data axis spans the pro
 held = {}
 for name, mesh_devices in meshes.items():
   mesh = Mesh(mesh_devices, ('data', 'fsdp', 'model', 'spatial'))
-  with pipeline.make_train_iterator(config, NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))),
-                                    2) as batches:
+  with loader.make_train_iterator(config, NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))),
+                                  2) as batches:
     batch = next(batches)
   held[name] = {int(position): [int(shard_row), int(crop[0, 0, 0])]
                 for row_shard, crop_shard in zip(batch['row'].addressable_shards,
@@ -360,7 +398,7 @@ def test_two_real_processes_hold_their_rows_of_the_global_batch(config, tmp_path
   assert all(proc.returncode == 0 for proc in procs), '\n'.join(logs)
   held = [json.loads(out.read_text()) for out in outs]
   positive, negative = train_rows(config)
-  expected = pipeline.train_batch_rows(7, 2, BATCH, positive, negative, POSITIVE_FRACTION)
+  expected = sampling.train_batch_rows(7, 2, BATCH, positive, negative, POSITIVE_FRACTION)
   data = [{int(k): v for k, v in h['data_across'].items()} for h in held]
   assert set(data[0]) == set(range(BATCH // 2)) and set(data[1]) == set(range(BATCH // 2, BATCH))
   model = [{int(k): v for k, v in h['model_across'].items()} for h in held]

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxmed import train
-from jaxmed.data import pipeline
+from jaxmed.data import loader
 from jaxmed.parallel import mesh as mesh_lib
 from jaxmed.parallel import sharding as sharding_lib
 
@@ -42,7 +42,7 @@ def run_steps(config, num_steps):
   with sharding_lib.use_rules(mesh, rules):
     graphdef, state, shardings = train.init_sharded_state(config, mesh, rules)
     step_fn = train.make_train_step(graphdef, shardings, config)
-    batches = pipeline.make_train_iterator(config, batch_sharding, 0)
+    batches = loader.make_train_iterator(config, batch_sharding, 0)
     losses = []
     for step in range(num_steps):
       state, metrics = step_fn(state, next(batches), jnp.int32(step))

@@ -1,7 +1,7 @@
 """LUNA16-layout scans + candidates_V2.csv -> one HDF5 crops file (schema v1, crops_file.py).
 
   python -m jaxmed.main --mode=preprocess [--config.data.raw_dir=...] [--config.data.overwrite=True]
-  python -m jaxmed.data.preprocess        # benchmark: seconds per LUNA16-sized scan per worker
+  python -m jaxmed.benchmark --what=preprocess   # seconds per LUNA16-sized scan per worker
 
 For every scan of `data.subsets` (one task per scan, in worker processes): read with SimpleITK
 and resample an int16 cube of `stored_crop_size` voxels of `spacing_mm` around each candidate,
@@ -22,8 +22,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import sys
-import tempfile
 import time
 
 import h5py
@@ -68,12 +66,12 @@ def crop_scan(mhd_path: str, centers_world: np.ndarray, spacing_mm: float, inter
   return crops, {'padded': padded, 'outside': outside, 'read_s': t1 - t0, 'crop_s': t2 - t1}
 
 
-def _init_worker() -> None:
+def init_worker() -> None:
   # One ITK thread per worker: the workers are the parallelism; threads would fight for cores.
   sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
-def _process_scan(task: dict) -> dict:
+def process_scan(task: dict) -> dict:
   """Crops one scan and saves them to the task's part file (atomically). Runs in a worker."""
   start, cpu_start = time.perf_counter(), time.process_time()
   crops, info = crop_scan(task['mhd_path'], task['centers_world'], task['spacing_mm'],
@@ -295,17 +293,17 @@ def _run_tasks(pending: list[dict], workers: int, total: int, cached: int) -> li
 
   if workers <= 0 or len(pending) <= 1:
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    _init_worker()  # Cubes are small: ITK threads cost more than they give.
+    init_worker()  # Cubes are small: ITK threads cost more than they give.
     try:
       for task in pending:
-        report(_process_scan(task))
+        report(process_scan(task))
     finally:
       sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     return results
   context = multiprocessing.get_context('spawn')  # No fork of a process that may hold JAX.
   with concurrent.futures.ProcessPoolExecutor(min(workers, len(pending)), mp_context=context,
-                                              initializer=_init_worker) as pool:
-    futures = [pool.submit(_process_scan, task) for task in pending]
+                                              initializer=init_worker) as pool:
+    futures = [pool.submit(process_scan, task) for task in pending]
     try:
       for future in concurrent.futures.as_completed(futures):
         report(future.result())
@@ -368,66 +366,3 @@ def _write_crops_file(config, plans: list[dict], out_path: str, candidates_csv: 
   os.replace(tmp, out_path)
   return {'crops_file': out_path, 'scans': len(plans), 'crops': n, 'positives': positives,
           'excluded': excluded, 'padded': padded, 'outside_volume': outside}
-
-
-# ---- benchmark ----------------------------------------------------------------------------
-
-def benchmark(config, repeats: int = 2) -> dict:
-  """Seconds to read + resample + crop (+ hash) one LUNA16-sized scan in one worker.
-
-  Generates (untimed, in a temporary folder) one 512x512x300 scan at 0.7x0.7x1.25 mm with about
-  850 candidates, then times the worker's task with one ITK thread, as in preprocess. Returns the
-  best of `repeats` runs and its breakdown.
-  """
-  from jaxmed.data import synthetic as synthetic_lib
-  synth = config.data.synthetic.copy_and_resolve_references()
-  synth.nodules_per_scan = (4, 4)
-  synth.positives_per_nodule = (2, 2)
-  synth.negatives_per_scan = 842  # 850 candidates with the 8 positives.
-  spec = synthetic_lib.ScanSpec(0, synthetic_lib.UID_PREFIX + '1' * 30, 0, (512, 512, 300),
-                                (0.7, 0.7, 1.25), (1, 1, 1), (int(synth.seed), 99, 0))
-  data = config.data
-  with tempfile.TemporaryDirectory(prefix='jaxmed_bench_') as tmp:
-    t0 = time.perf_counter()
-    synthetic_lib.write_dataset(tmp, [spec], synth, os.path.join(tmp, 'candidates_V2.csv'),
-                                os.path.join(tmp, 'annotations.csv'))
-    generate_s = time.perf_counter() - t0
-    cands = luna16.read_candidates(os.path.join(tmp, 'candidates_V2.csv'))
-    centers = np.stack([cands['coordX'], cands['coordY'], cands['coordZ']], 1)
-    mhd = os.path.join(tmp, 'subset0', spec.seriesuid + '.mhd')
-    task = {'seriesuid': spec.seriesuid, 'mhd_path': mhd, 'mhd_rel': 'a.mhd',
-            'raw_rel': 'a.raw', 'centers_world': centers, 'spacing_mm': float(data.spacing_mm),
-            'interpolator': data.interpolator, 'size': int(data.stored_crop_size),
-            'part_path': os.path.join(tmp, 'part.npz'), 'key': 'benchmark'}
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    _init_worker()
-    try:
-      runs = [_process_scan(task) for _ in range(repeats)]
-    finally:
-      sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-  best = min(runs, key=lambda r: r['seconds'])
-  result = {'seconds_per_scan_per_worker': best['seconds'],
-            'cpu_seconds_per_scan_per_worker': best['cpu_s'],
-            'seconds_all_runs': [r['seconds'] for r in runs],
-            **{k: best[k] for k in ('read_s', 'crop_s', 'hash_s')},
-            'candidates': len(centers), 'shape_xyz': spec.shape_xyz,
-            'spacing_xyz': spec.spacing_xyz, 'interpolator': data.interpolator,
-            'stored_crop_size': int(data.stored_crop_size), 'generate_s': generate_s}
-  logging.info('preprocess benchmark: %.2f s (%.2f s CPU) per 512x512x300 scan per worker (%d '
-               'candidates, %s, %d^3 crops at %.1f mm): read %.2f, resample+crop %.2f, sha256 '
-               '%.2f s', best['seconds'], best['cpu_s'], len(centers), data.interpolator,
-               data.stored_crop_size, data.spacing_mm, best['read_s'], best['crop_s'],
-               best['hash_s'])
-  return result
-
-
-if __name__ == '__main__':
-  from absl import app
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
-
-  def _main(argv):
-    del argv
-    print(json.dumps(benchmark(_CONFIG.value), indent=1))
-
-  sys.exit(app.run(_main))

@@ -1,49 +1,31 @@
-"""LUNA16 FROC and CPM, with the official evaluation's definitions, vectorised over scans.
+"""LUNA16 FROC and CPM, and their bootstrap confidence interval, vectorised over scans.
 
-Definitions follow noduleCADEvaluationLUNA16.py (the LUNA16 challenge's evaluation script):
+Definitions are those of the LUNA16 evaluation script (noduleCADEvaluationLUNA16.py):
 - A candidate hits a finding when its centre lies strictly inside the finding's sphere:
   squared distance < (diameter_mm / 2)^2, in world mm. A diameter_mm < 0 counts as 10 mm.
-- A nodule hit by several candidates counts once, with the highest probability among them. A
-  candidate that hits a nodule is never a false positive (if it hits two nodules it counts for
-  both, as in the official script).
-- A candidate that hits only excluded findings (annotations_excluded.csv) is ignored: neither a
-  hit nor a false positive. Every other candidate is a false positive.
-- Each scan keeps at most 100 candidates: those whose probability is strictly above the 101st
-  highest of that scan (evaluateCAD's maxNumberOfCADMarks=100; with ties there, fewer remain).
-- The FROC curve has one point per distinct probability (tied probabilities enter together, as
-  with sklearn's roc_curve), starting at (0 FP/scan, 0). FPs per scan = false positives above
-  the threshold / number of scans evaluated; sensitivity = hits above it / all included nodules
-  of those scans (missed nodules included). The sensitivity at an FP rate is the linearly
-  interpolated curve (np.interp, flat past the curve's last point); CPM is their mean over
-  1/8, 1/4, 1/2, 1, 2, 4 and 8 FPs per scan.
-- The confidence interval draws scans with replacement (a scan drawn twice counts twice, in the
-  FP divisor too, which stays the number of scans) and takes order statistics of the samples:
+- A nodule hit by several candidates counts once, at the highest probability among them. A
+  candidate that hits a nodule is never a false positive (if it hits two, it counts for both).
+- A candidate that hits only excluded findings is ignored: neither a hit nor a false positive.
+- Each scan keeps at most 100 candidates: those strictly above its 101st highest probability.
+- The curve has one point per distinct probability, from (0 FP/scan, 0); FPs per scan = false
+  positives above the threshold / scans evaluated; sensitivity = hits / all included nodules of
+  those scans. CPM is the mean of the curve interpolated (np.interp) at 1/8 ... 8 FPs per scan.
+- The confidence interval draws scans with replacement and takes order statistics:
   lower = sorted[floor(0.025 n)], upper = sorted[floor(0.975 n)].
-Scans with no candidates still count as scans, and their nodules as missed.
-
-Where this deliberately differs from the official script (checked against a port of it on
-random cases with ties, the cap, excluded findings and duplicate hits: equal to 1e-15 otherwise):
-- FPs per scan are exact (integer count / scans). The official fpr * count / scans carries
-  float noise (2.0000000000000004), so at a rate that lands exactly on a vertical step of the
-  curve (rate x scans an integer) it may read the bottom of the step; here it is always the top.
-- Sensitivities are interpolated at exactly 1/8..8; later versions of the official script read
-  them off a 10001-point grid (at most one grid step, 0.0008 FP/scan, below each rate).
-- Bootstrap samples whose nodules are all missed have sensitivity 0 (the official gets NaN from
-  sklearn's roc_curve); samples with no nodule at all are left out. The CPM interval is taken
-  over each sample's CPM (the official script only bands the curve).
+How the arithmetic relates to the official script's is set out in the README's evaluation
+section: FPs per scan are exact here; the official fpr * count / scans carries float noise that
+can read the bottom of a vertical step when rate x scans is a whole number.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import os
 from typing import NamedTuple
 
 import numpy as np
 
-from jaxmed.data import luna16
-from jaxmed.errors import UserError
+from jaxmed.evaluation.submission import (Annotations, EvaluationInputError, Predictions,
+                                          as_uids)
 
 # FP-per-scan rates whose mean sensitivity is the CPM (LUNA16).
 FP_RATES = np.array([0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
@@ -51,92 +33,6 @@ FP_RATES = np.array([0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
 OFFICIAL_MAX_CANDIDATES_PER_SCAN = 100
 # The official evaluation uses this diameter for findings whose diameter_mm is negative.
 UNKNOWN_DIAMETER_MM = 10.0
-
-
-class EvaluationInputError(UserError, ValueError):
-  """Evaluation input (CSV, arrays) that is missing or malformed; the message says the fix."""
-
-
-def _as_uids(values, what: str) -> np.ndarray:
-  """(N,) str array from str, bytes (HDF5) or object arrays."""
-  arr = np.asarray(values)
-  if arr.ndim != 1:
-    raise EvaluationInputError(f'{what}: seriesuid must be 1-D, got shape {arr.shape}')
-  if arr.dtype.kind == 'S':
-    return np.char.decode(arr, 'utf-8')
-  if arr.dtype.kind == 'O':
-    return np.array([v.decode('utf-8') if isinstance(v, bytes) else str(v) for v in arr],
-                    dtype=str)
-  return arr.astype(str)
-
-
-def _as_centers(values, n: int, what: str) -> np.ndarray:
-  arr = np.asarray(values, dtype=np.float64)
-  if arr.shape != (n, 3):
-    raise EvaluationInputError(f'{what}: center_world must have shape ({n}, 3) (x, y, z mm), '
-                               f'got {arr.shape}')
-  return arr
-
-
-def _as_vector(values, n: int, what: str, name: str) -> np.ndarray:
-  arr = np.asarray(values, dtype=np.float64)
-  if arr.shape != (n,):
-    raise EvaluationInputError(f'{what}: {name} must have shape ({n},), got {arr.shape}')
-  return arr
-
-
-@dataclasses.dataclass(frozen=True)
-class Predictions:
-  """Scored candidates (CAD marks), the rows of a LUNA16 submission.
-
-  seriesuid: (N,) str (bytes are decoded); center_world: (N, 3) float64 world mm (x, y, z);
-  probability: (N,) float64, higher = more likely a nodule.
-  """
-  seriesuid: np.ndarray
-  center_world: np.ndarray
-  probability: np.ndarray
-
-  def __post_init__(self):
-    uids = _as_uids(self.seriesuid, 'predictions')
-    object.__setattr__(self, 'seriesuid', uids)
-    object.__setattr__(self, 'center_world',
-                       _as_centers(self.center_world, len(uids), 'predictions'))
-    prob = _as_vector(self.probability, len(uids), 'predictions', 'probability')
-    if np.isnan(prob).any():
-      raise EvaluationInputError(
-          f'predictions: {int(np.isnan(prob).sum())} probabilities are NaN; '
-          'score every candidate with a finite number')
-    object.__setattr__(self, 'probability', prob)
-
-  def __len__(self) -> int:
-    return len(self.seriesuid)
-
-
-@dataclasses.dataclass(frozen=True)
-class Annotations:
-  """Findings: nodules (annotations.csv) or excluded findings (annotations_excluded.csv).
-
-  seriesuid: (M,) str; center_world: (M, 3) float64 world mm (x, y, z); diameter_mm: (M,)
-  float64 (negative = unknown, counted as 10 mm).
-  """
-  seriesuid: np.ndarray
-  center_world: np.ndarray
-  diameter_mm: np.ndarray
-
-  def __post_init__(self):
-    uids = _as_uids(self.seriesuid, 'annotations')
-    object.__setattr__(self, 'seriesuid', uids)
-    object.__setattr__(self, 'center_world',
-                       _as_centers(self.center_world, len(uids), 'annotations'))
-    object.__setattr__(self, 'diameter_mm',
-                       _as_vector(self.diameter_mm, len(uids), 'annotations', 'diameter_mm'))
-
-  def __len__(self) -> int:
-    return len(self.seriesuid)
-
-  @classmethod
-  def empty(cls) -> Annotations:
-    return cls(np.zeros(0, str), np.zeros((0, 3)), np.zeros(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +150,7 @@ def _match(predictions: Predictions, annotations: Annotations, excluded: Annotat
   if seriesuids is None:
     scans = np.unique(np.concatenate([predictions.seriesuid, annotations.seriesuid]))
   else:
-    given = _as_uids(seriesuids, 'seriesuids')
+    given = as_uids(seriesuids, 'seriesuids')
     scans = np.unique(given)
     if len(scans) != len(given):
       raise EvaluationInputError(f'seriesuids lists {len(given) - len(scans)} scans twice; '
@@ -457,49 +353,3 @@ def bootstrap_froc(predictions: Predictions, annotations: Annotations,
       band=FROCBand(grid, low[7:], high[7:], values[:, 7:].mean(axis=0), confidence))
 
 
-# ---------------------------------------------------------------------------------------------
-# LUNA16 CSV files
-
-_ANNOTATION_COLUMNS = ('seriesuid', 'coordX', 'coordY', 'coordZ', 'diameter_mm')
-_PREDICTION_COLUMNS = ('seriesuid', 'coordX', 'coordY', 'coordZ', 'probability')
-
-
-def _read_columns(path, columns: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-  """(seriesuids (rows,) str, (rows, len(columns) - 1) float64) from a CSV with a header row.
-
-  Missing file or column, or a non-number, raise luna16.DataError (one line naming the file).
-  """
-  table = luna16.read_csv(path, columns)
-  numbers = np.stack([table[c] for c in columns[1:]], axis=1).reshape(-1, len(columns) - 1)
-  return table['seriesuid'].astype(str), numbers
-
-
-def read_annotations(path) -> Annotations:
-  """Findings from a LUNA16 annotations.csv / annotations_excluded.csv.
-
-  Columns seriesuid,coordX,coordY,coordZ,diameter_mm (world mm); others are ignored.
-  """
-  uids, numbers = _read_columns(path, _ANNOTATION_COLUMNS)
-  return Annotations(uids, numbers[:, :3], numbers[:, 3])
-
-
-def read_predictions(path) -> Predictions:
-  """Scored candidates from a LUNA16 submission CSV: seriesuid,coordX,coordY,coordZ,probability."""
-  uids, numbers = _read_columns(path, _PREDICTION_COLUMNS)
-  return Predictions(uids, numbers[:, :3], numbers[:, 3])
-
-
-def read_seriesuids(path) -> np.ndarray:
-  """(S,) str: the scans to evaluate, one seriesuid per line (LUNA16 seriesuids.csv).
-
-  The first column of each line is used; a first line reading 'seriesuid' is a header.
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise EvaluationInputError(f'seriesuids file {path} not found: pass a CSV with one '
-                               'seriesuid per line')
-  with open(path, newline='') as f:
-    uids = [row[0].strip() for row in csv.reader(f) if row and row[0].strip()]
-  if uids and uids[0] == 'seriesuid':
-    uids = uids[1:]
-  return np.asarray(uids, dtype=str)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmed.evaluation.froc import EvaluationInputError
+from jaxmed.evaluation.submission import EvaluationInputError
 
 
 def _check(labels, scores) -> tuple[np.ndarray, np.ndarray]:

@@ -112,7 +112,8 @@ def strided_conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   is the same sum of the same products as conv(x), so results agree to float rounding; the
   parameters are conv's own. Why: a stem with one input channel becomes an s^3-channel
   convolution (tensor-core friendly), and on XLA:CPU the input gradient of a strided conv3d is
-  ~100x slower than that of a stride-1 one (FACTS.md).
+  ~100x slower than that of a stride-1 one (one 32->64 stride-2 layer at 32^3, batch 16: 8 s
+  fwd+bwd, against 0.18 s as space-to-depth + 1x1x1 conv).
   """
   strides = tuple(conv.strides) if not isinstance(conv.strides, int) else (conv.strides,) * 3
   s = strides[0]

@@ -1,4 +1,5 @@
-"""Parallelism: the device mesh (mesh.py) and logical-axis -> mesh placement (sharding.py)."""
+"""Parallelism: the device mesh (mesh.py), logical-axis -> mesh placement (sharding.py), and
+collective accounting of compiled steps (collectives.py)."""
 
 from jaxmed.parallel.mesh import MESH_AXES, MeshError, check_batch_divisible, create_mesh
 from jaxmed.parallel.sharding import (

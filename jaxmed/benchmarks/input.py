@@ -1,0 +1,87 @@
+"""--what=input: crops/s of the Grain training input (jaxmed/data/loader.py) alone and with
+on-device augmentation, against plain h5py reads of single crops."""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxmed.benchmarks.e2e import write_synthetic_crops_file
+from jaxmed.data import augment as augment_lib
+from jaxmed.data.loader import make_train_iterator
+from jaxmed.data.source import CropsSource
+
+
+def _rate(run_batch, seconds: float, crops_per_batch: int) -> tuple[float, int]:
+  start, batches = time.perf_counter(), 0
+  while batches < 2 or time.perf_counter() - start < seconds:
+    run_batch()
+    batches += 1
+  return batches * crops_per_batch / (time.perf_counter() - start), batches
+
+
+def benchmark_input(config, crop_sizes: Sequence[int] = (32, 64),
+                    workers: Sequence[int] = (0, 1, 2), seconds: float = 5.0,
+                    file_mb: int = 256) -> list[dict]:
+  """Crops/s of the training input alone and with on-device augmentation.
+
+  For each crop size c a temporary crops file is written with stored edge
+  ceil(c * stored_crop_size / crop_size) (the config's margin ratio) and at most `file_mb` MB
+  (page cache warm, like a file read repeatedly). Rows: one 'h5py' row per size (plain random
+  reads of single crops in this process, the reader's ceiling) and, per worker count, 'loader'
+  (global int16 batches on the devices) and 'loader+augment' (plus jitted augment_crops, waited on).
+  Batches are config.train.global_batch_size crops over a 1-D mesh of the local devices.
+  """
+  results = []
+  devices = jax.local_devices()
+  global_batch_size = config.train.global_batch_size
+  if global_batch_size % len(devices):
+    devices = devices[:1]
+  batch_sharding = NamedSharding(jax.sharding.Mesh(np.array(devices), ('data',)),
+                                 PartitionSpec('data'))
+  with tempfile.TemporaryDirectory(prefix='jaxmed_input_benchmark_') as tmp:
+    for crop_size in crop_sizes:
+      stored = -(-crop_size * config.data.stored_crop_size // config.data.crop_size)
+      num_crops = int(max(global_batch_size, min(4096, file_mb * 2**20 // (2 * stored**3))))
+      path = os.path.join(tmp, f'crops_{stored}.h5')
+      write_synthetic_crops_file(path, num_crops, stored, subsets=(0,))
+      common = dict(crop_size=crop_size, stored_size=stored, file_crops=num_crops)
+
+      source = CropsSource(path)
+      rows = iter(np.random.default_rng(0).integers(0, num_crops, 10**7))
+      rate, batches = _rate(lambda: source[next(rows)], seconds, 1)
+      source.close()
+      results.append(dict(common, workers=0, mode='h5py', crops_per_s=rate, batches=batches))
+
+      bench_config = config.copy_and_resolve_references()
+      bench_config.data.crops_file = path
+      bench_config.data.train_subsets = (0,)
+      augment = jax.jit(functools.partial(
+          augment_lib.augment_crops, seed=config.seed, aug_config=config.data.augment,
+          crop_size=crop_size, hu_window=tuple(config.data.hu_window)))
+      for num_workers in workers:
+        bench_config.data.workers = num_workers
+        with make_train_iterator(bench_config, batch_sharding) as batches_it:
+          step = [0]
+
+          def load():
+            step[0] += 1
+            return jax.block_until_ready(next(batches_it))
+
+          def load_and_augment():
+            batch = load()
+            jax.block_until_ready(augment(batch['crops'], batch['index'], step=step[0]))
+
+          load_and_augment()  # Start the workers and compile outside the timing.
+          for mode, run_batch in (('loader', load), ('loader+augment', load_and_augment)):
+            rate, batches = _rate(run_batch, seconds, global_batch_size)
+            results.append(dict(common, workers=num_workers, mode=mode, crops_per_s=rate,
+                                batches=batches))
+  return results

@@ -1,0 +1,130 @@
+"""The printed tables: one per benchmark result (table_rows, format_table), and one summary of
+every benchmark_*.json under a folder, with README-ready lines (summarize)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+
+
+def _si(value: float, unit: str = '') -> str:
+  if value is None:
+    return '-'
+  for scale, prefix in ((1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+    if abs(value) >= scale:
+      return f'{value / scale:.3g} {prefix}{unit}'
+  return f'{value:.3g} {unit}'.rstrip()
+
+
+def _gib(value) -> str:
+  return '-' if value is None else f'{value / 2**30:.2f} GiB'
+
+
+def _head(r: dict) -> list[tuple[str, str]]:
+  return [('model', f"{r['model']}-{r['depth']} width {r['width']} s2d {r['space_to_depth']} "
+                    f"{r['dtype']}"),
+          ('shapes', f"batch {r['global_batch_size']} x {r['crop_size']}^3 "
+                     f"(stored {r['stored_crop_size']}^3)"),
+          ('devices', f"{r['devices']} x {r['device_kind']} ({r['platform']}), mesh {r['mesh']}")]
+
+
+def table_rows(what: str, r: dict) -> list[tuple[str, str]]:
+  """(label, value) lines of the printed table for one result."""
+  if what in ('step', 'compare', 'e2e', 'comms', 'checkpoint', 'profile'):
+    rows = _head(r)
+  else:
+    rows = []
+  if what == 'step':
+    mem = r['memory']
+    rows += [('train step', f"{r['samples_per_s']:,.1f} samples/s ({r['step_ms']:.2f} ms/step)"),
+             ('model FLOPs', f"{r['forward_gflops_per_sample']:.4g} GFLOP fwd/sample, x3/step"),
+             ('achieved', f"{r['model_tflops_per_s']:.4g} TFLOP/s"),
+             ('matmul peak', f"{r['matmul_peak']['tflops']:.4g} TFLOP/s "
+                             f"({r['matmul_peak']['dtype']}, {r['matmul_peak']['size']}^2)"),
+             ('MFU', f"{100 * r['mfu']:.2f} %"), ('compile', f"{r['compile_s']:.1f} s"),
+             ('memory/device', f"peak {_gib(mem.get('peak_bytes_in_use'))}, temp "
+                               f"{_gib(mem.get('temp_bytes'))}, "
+                               f"args {_gib(mem.get('argument_bytes'))}")]
+  elif what == 'compare':
+    rows += table_rows('step', r['jax'])[3:5]
+    if r.get('torch'):
+      t = r['torch']
+      rows += [('pytorch eager', f"{t['samples_per_s']:,.1f} samples/s ({t['step_ms']:.2f} ms, "
+                                 f"{t['precision']}, torch {t['torch']})"),
+               ('jax / pytorch', f"{r['jax_over_torch']:.3f}")]
+    else:
+      rows += [('pytorch', r.get('note', 'not run'))]
+  elif what == 'e2e':
+    rows += [('crops file', r['crops_file']),
+             ('step alone', f"{r['step_samples_per_s']:,.1f} samples/s"),
+             ('end to end', f"{r['e2e_samples_per_s']:,.1f} samples/s "
+                            f"({100 * r['fraction_of_step']:.1f} % of the step, "
+                            f"{r['data_workers']} Grain workers)"),
+             ('input wait', f"{100 * r['input_wait_fraction']:.1f} % of the time")]
+  elif what == 'comms':
+    for kind, c in r['collectives'].items():
+      rows.append((kind, f"{c['count']} ops, {_si(c['bytes'], 'B')}"))
+    rows += [('param gradients', _si(r['param_gradient_bytes'], 'B')),
+             ('DP minimum', f"all-reduce of {_si(r['dp_allreduce_result_bytes'], 'B')}; ring "
+                            f"{_si(r['dp_ring_bytes_per_device'], 'B')}/device over "
+                            f"{r['batch_shards']} shards")]
+  elif what == 'checkpoint':
+    rows += [('train state', _si(r['state_bytes'], 'B')),
+             ('save', f"{r['save_s']:.2f} s to disk ({r['save_gb_per_s']:.2f} GB/s); "
+                      f"save() returns in {r['save_returns_s']:.2f} s"
+                      f"{' (async)' if r['async_save'] else ''}"),
+             ('restore', f"{r['restore_s']:.2f} s ({r['restore_gb_per_s']:.2f} GB/s)")]
+  elif what == 'profile':
+    rows += [('trace', r['profile_dir']), ('steps', str(r['profiled_steps'])),
+             ('view', r['view'])]
+  elif what == 'input':
+    for row in r['rows']:
+      rows.append((f"{row['mode']} w={row['workers']} {row['crop_size']}^3",
+                   f"{row['crops_per_s']:,.0f} crops/s"))
+  elif what == 'preprocess':
+    rows += [('per scan/worker', f"{r['seconds_per_scan_per_worker']:.2f} s "
+                                 f"({r['candidates']} candidates)")]
+    rows += [(k, f'{v:.2f} s') for k, v in r.items()  # the breakdown preprocess reports
+             if k.endswith('_s') and isinstance(v, (int, float)) and k != 'generate_s']
+  return rows
+
+
+def format_table(title: str, rows: Sequence[tuple[str, str]]) -> str:
+  width = max((len(k) for k, _ in rows), default=0)
+  return '\n'.join([title, '-' * len(title)] + [f'{k:<{width}}  {v}' for k, v in rows])
+
+
+def summarize(root: str) -> tuple[str, list[str]]:
+  """One table from every benchmark_*.json under `root`, and README-ready lines."""
+  results = []
+  for path in sorted(glob.glob(os.path.join(root, '**', 'benchmark_*.json'), recursive=True)):
+    with open(path) as f:
+      results.append((os.path.relpath(path, root), json.load(f)))
+  header = ('run', 'crop', 'batch', 's2d', 'dtype', 'JAX samples/s', 'TFLOP/s', 'MFU',
+            'PyTorch samples/s', 'JAX/PT', 'e2e samples/s', 'e2e/step')
+  lines, readme = [header], []
+  for name, r in results:
+    what = r.get('what')
+    step = r.get('jax') or r.get('step') or (r if what == 'step' else None)
+    if step is None:
+      continue
+    torch_rate = r.get('torch_samples_per_s')
+    lines.append((os.path.dirname(name) or name, f"{r['crop_size']}^3",
+                  str(r['global_batch_size']), r['space_to_depth'], r['dtype'],
+                  f"{step['samples_per_s']:,.0f}", f"{step['model_tflops_per_s']:.1f}",
+                  f"{100 * step['mfu']:.1f}%", f'{torch_rate:,.0f}' if torch_rate else '-',
+                  f"{r['jax_over_torch']:.2f}" if torch_rate else '-',
+                  f"{r['e2e_samples_per_s']:,.0f}" if what == 'e2e' else '-',
+                  f"{100 * r['fraction_of_step']:.0f}%" if what == 'e2e' else '-'))
+    if torch_rate:
+      readme.append(
+          f"| {r['model']}-{r['depth']} w{r['width']} | {r['crop_size']}^3 | "
+          f"{r['global_batch_size']} | {r['device_kind']} | {step['samples_per_s']:,.0f} "
+          f"samples/s ({step['model_tflops_per_s']:.0f} TFLOP/s, MFU "
+          f"{100 * step['mfu']:.1f}%) | {torch_rate:,.0f} samples/s | "
+          f"{r['jax_over_torch']:.2f} |")
+  widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+  text = '\n'.join('  '.join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)
+  return text, readme

@@ -1,0 +1,272 @@
+"""Grain wiring: crops file -> class-balanced, host-sharded global jax.Arrays of int16 HU crops.
+
+Each process reads only the rows of each global batch that its devices hold (`process_batch_rows`,
+following the batch sharding's mesh) and assembles them into global jax.Arrays for the mesh.
+Grain elements are whole per-process batches (one element per step): a worker reads a batch with
+one Python call instead of B, and Grain's worker slicing (worker w takes steps w, w + W, ...) plus
+its round-robin interleave keeps the order independent of the worker count.
+
+Batches leave the host as int16 crops; normalisation and augmentation run on the device
+(jaxmed/data/augment.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import weakref
+from collections.abc import Iterable
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxmed.data.sampling import train_batch_rows
+from jaxmed.data.source import CropsSource, split_by_label, split_rows
+
+# Training iterators run "forever": Grain needs a length, any step a run reaches is below this.
+_LAST_STEP = 2**62
+_MIN_SHARED_MEMORY_BYTES = 1 << 16
+_ALIGNMENT = 64  # Bytes; XLA:CPU aliases host arrays aligned like this instead of copying them.
+
+
+# ---- which rows of a global batch this process holds -------------------------------------------
+
+
+def _check_divisible(global_batch_size: int, num_shards: int, axes) -> None:
+  if global_batch_size % num_shards:
+    raise ValueError(
+        f'batch size {global_batch_size} is not divisible by the {num_shards} shards the mesh '
+        f'splits the batch into (axes {axes}): set config.train.global_batch_size / '
+        f'eval_batch_size to a multiple of {num_shards}')
+
+
+def _batch_axis_sharding(batch_sharding: jax.sharding.Sharding, ndim: int):
+  """The sharding of a rank-`ndim` batch array: batch_sharding's spec cut or padded to ndim."""
+  if isinstance(batch_sharding, NamedSharding):
+    spec = (tuple(batch_sharding.spec) + (None,) * ndim)[:ndim]
+    return NamedSharding(batch_sharding.mesh, PartitionSpec(*spec))
+  return batch_sharding
+
+
+def process_batch_rows(batch_sharding: jax.sharding.Sharding,
+                       global_batch_size: int) -> np.ndarray:
+  """Positions in the global batch (int64, increasing) held by this process's devices.
+
+  Read from batch_sharding.addressable_devices_indices_map, in the order
+  jax.make_array_from_process_local_data expects the process-local rows.
+  """
+  sharding = _batch_axis_sharding(batch_sharding, 1)
+  if isinstance(sharding, NamedSharding) and sharding.spec and sharding.spec[0] is not None:
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    _check_divisible(global_batch_size, int(np.prod([sharding.mesh.shape[a] for a in axes])),
+                     axes)
+  index_map = sharding.addressable_devices_indices_map((global_batch_size,))
+  ranges = sorted({(index[0].start or 0, global_batch_size if index[0].stop is None
+                    else index[0].stop) for index in index_map.values()})
+  return np.concatenate([np.arange(start, stop) for start, stop in ranges]).astype(np.int64)
+
+
+# ---- Grain datasets -> global batches --------------------------------------------------------
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype=np.int16) -> np.ndarray:
+  """np.empty aligned to 64 bytes, so that CPU devices take the array without copying it."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+  offset = -raw.ctypes.data % _ALIGNMENT
+  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+class _TrainBatchLoader:
+  """Picklable map: step -> this process's rows of global training batch `step` (numpy)."""
+
+  def __init__(self, source: CropsSource, seed: int, global_batch_size: int,
+               positions: np.ndarray, positive_rows: np.ndarray, negative_rows: np.ndarray,
+               positive_fraction: float):
+    self.source = source
+    self.seed = seed
+    self.global_batch_size = global_batch_size
+    self.positions = positions
+    self.positive_rows = positive_rows
+    self.negative_rows = negative_rows
+    self.positive_fraction = positive_fraction
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    step = int(step)
+    rows = train_batch_rows(self.seed, step, self.global_batch_size, self.positive_rows,
+                            self.negative_rows, self.positive_fraction)[self.positions]
+    crops = self.source.read_crops(rows, _aligned_empty((len(rows),) + self.source.crop_shape))
+    # int32 wraps past 2**31 examples; it only seeds augmentation keys, so that stays exact.
+    index = (step * self.global_batch_size + self.positions).astype(np.int32)
+    return {'crops': crops, 'label': self.source.labels(rows), 'index': index,
+            'row': rows.astype(np.int32)}
+
+
+class _EvalBatchLoader:
+  """Picklable map: batch number -> this process's rows of that eval batch, zero padded."""
+
+  def __init__(self, source: CropsSource, rows: np.ndarray, eval_batch_size: int,
+               positions: np.ndarray):
+    self.source = source
+    self.rows = rows
+    self.eval_batch_size = eval_batch_size
+    self.positions = positions
+
+  def __call__(self, batch_number: int) -> dict[str, np.ndarray]:
+    wanted = int(batch_number) * self.eval_batch_size + self.positions
+    mask = wanted < len(self.rows)  # A prefix: positions increase. The rest is padding.
+    num_valid = int(mask.sum())
+    rows = np.full(len(wanted), -1, np.int64)
+    rows[:num_valid] = self.rows[wanted[:num_valid]]
+    crops = _aligned_empty((len(wanted),) + self.source.crop_shape)
+    self.source.read_crops(rows[:num_valid], crops[:num_valid])
+    crops[num_valid:] = 0
+    label = np.zeros(len(wanted), np.int32)
+    label[:num_valid] = self.source.labels(rows[:num_valid])
+    return {'crops': crops, 'label': label, 'row': rows.astype(np.int32), 'mask': mask}
+
+
+def _ensure_absl_flags_parsed() -> None:
+  # Grain's worker start reads absl flags; outside absl.app.run (tests, notebooks) none are parsed.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _prefetched(dataset: grain.MapDataset, workers: int, prefetch: int) -> grain.IterDataset:
+  """One Grain element per batch: `workers` processes (0 = a reader thread in this process)."""
+  if workers < 0 or prefetch < 0:
+    raise ValueError(f'config.data.workers ({workers}) and prefetch ({prefetch}) must be >= 0')
+  if workers == 0:
+    return dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch))
+  _ensure_absl_flags_parsed()
+  # Inside a worker the process queue is the prefetch buffer: no extra reader threads.
+  batches = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  # Crops travel through shared memory (Grain copies them there); labels and indices are cheaper
+  # to pickle.
+  batches = grain.experimental.WithOptionsIterDataset(
+      batches, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_MEMORY_BYTES))
+  return batches.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+
+
+# Iterators still open at exit are closed while their modules still exist (Grain's own __del__
+# at interpreter teardown fails noisily and may leave workers behind).
+_open_iterators = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+  for iterator in list(_open_iterators):
+    iterator.close()
+
+
+class BatchIterator:
+  """Iterator of dicts of global jax.Arrays, assembled from this process's numpy batches.
+
+  close() (or leaving a `with` block, or running out, or exiting) stops Grain's worker processes.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, batch_sharding: jax.sharding.Sharding,
+               global_batch_size: int, num_batches: int | None = None):
+    self._iterator = iter(dataset)
+    self._batch_sharding = batch_sharding
+    self._global_batch_size = global_batch_size
+    self.num_batches = num_batches
+    self._closed = False
+    # Only CPU devices alias host buffers; accelerators copy them into device memory anyway.
+    self._copy_shared_memory = any(d.platform == 'cpu' for d in batch_sharding.device_set)
+    _open_iterators.add(self)
+
+  def __iter__(self):
+    return self
+
+  def __len__(self) -> int:
+    if self.num_batches is None:
+      raise TypeError('a training iterator has no length: it runs until closed')
+    return self.num_batches
+
+  def __next__(self) -> dict[str, jax.Array]:
+    if self._closed:
+      raise StopIteration
+    try:
+      local = next(self._iterator)
+    except StopIteration:
+      self.close()
+      raise
+    return {name: self._to_global(value) for name, value in local.items()}
+
+  def _to_global(self, value: np.ndarray) -> jax.Array:
+    if self._copy_shared_memory and type(value) is not np.ndarray:
+      # A worker's batch arrives as Grain's shared-memory block (an np.ndarray subclass): copy it
+      # out so it is freed now, not when the jax.Array aliasing it (zero-copy on CPU) dies,
+      # possibly after shutdown (a "leaked" warning).
+      shared, value = value, _aligned_empty(value.shape, value.dtype)
+      np.copyto(value, shared)
+    return jax.make_array_from_process_local_data(
+        _batch_axis_sharding(self._batch_sharding, value.ndim), value,
+        (self._global_batch_size,) + value.shape[1:])
+
+  def close(self) -> None:
+    if not self._closed:
+      self._closed = True
+      self._iterator.close()
+      self._iterator = None  # Drops buffered batches, which frees their shared memory.
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
+
+
+def make_train_iterator(config, batch_sharding: jax.sharding.Sharding,
+                        start_step: int = 0) -> BatchIterator:
+  """Global training batches for steps start_step, start_step + 1, ... (never ends; close it).
+
+  Each batch: 'crops' int16 (B, S, S, S) HU, 'label' int32 (B,), 'index' int32 (B,) = the global
+  example position step * B + i (augmentation keys fold it), 'row' int32 (B,) file rows.
+  B = config.train.global_batch_size, sharded over its first axis by `batch_sharding`.
+  Starting at start_step is O(1): the step range is sliced, nothing is replayed.
+  """
+  path = config.data.crops_file
+  source = CropsSource(path)
+  positive_rows, negative_rows = split_by_label(
+      path, split_rows(path, config.data.train_subsets, skip_excluded=True))
+  global_batch_size = config.train.global_batch_size
+  loader = _TrainBatchLoader(source, config.seed, global_batch_size,
+                             process_batch_rows(batch_sharding, global_batch_size),
+                             positive_rows, negative_rows, config.data.positive_fraction)
+  loader(start_step)  # Fail here, with a clear message, rather than inside a worker.
+  steps = grain.MapDataset.range(start_step, _LAST_STEP).map(loader)
+  return BatchIterator(_prefetched(steps, config.data.workers, config.data.prefetch),
+                       batch_sharding, global_batch_size)
+
+
+def make_eval_iterator(config, subsets: Iterable[int], batch_sharding: jax.sharding.Sharding,
+                       skip_excluded: bool = False) -> BatchIterator:
+  """One pass over every example of `subsets` (excluded negatives left out if asked), in file
+  order; len() = number of batches.
+
+  Each batch: 'crops' int16 (E, S, S, S) HU, 'label' int32 (E,), 'row' int32 (E,) file row
+  (-1 for padding), 'mask' bool (E,) False for padding; E = config.train.eval_batch_size.
+  The last batch is padded, never dropped.
+  """
+  path = config.data.crops_file
+  source = CropsSource(path)
+  rows = split_rows(path, subsets, skip_excluded=skip_excluded)
+  eval_batch_size = config.train.eval_batch_size
+  num_batches = -(-len(rows) // eval_batch_size)
+  loader = _EvalBatchLoader(source, rows, eval_batch_size,
+                            process_batch_rows(batch_sharding, eval_batch_size))
+  batches = grain.MapDataset.range(num_batches).map(loader)
+  return BatchIterator(_prefetched(batches, config.data.workers, config.data.prefetch),
+                       batch_sharding, eval_batch_size, num_batches)
+
+
+def eval_num_batches(config, subsets: Iterable[int], skip_excluded: bool = False) -> int:
+  """Batches of make_eval_iterator(config, subsets, ...): ceil(examples / eval_batch_size)."""
+  rows = split_rows(config.data.crops_file, subsets, skip_excluded=skip_excluded)
+  return -(-len(rows) // config.train.eval_batch_size)
