@@ -17,8 +17,13 @@ WHAT (each prints a short table and writes WORKDIR/benchmark_<what>.json):
   compare     the step above, then the same architecture in PyTorch eager
               (models/resnet3d_torch.py; AMP bf16 + channels_last_3d + cudnn.benchmark on CUDA,
               float32 on CPU), same shapes and batch, same process; both and their ratio.
-  comms       bytes per device per step of each collective kind in the compiled train step's
-              HLO for the configured mesh, beside the data-parallel minimum.
+  comms       ring bytes per device per step of each collective kind in the compiled train
+              step's HLO for the configured mesh, beside the analytic minimum
+              (parallel/communication.py) and their ratio; per-device parameters, optimizer
+              state and temporaries (compiled.memory_analysis()). Compiles, never runs.
+  meshes      comms for every shipped mesh config (mesh_8x1, mesh_2x4, mesh_1x8, fsdp_8,
+              spatial_2x4) with the seed's ResNet-18 (width 64, float32, batch 64) at each
+              of --crop_sizes: the README's parallelism and memory tables.
   checkpoint  save and restore seconds of the train state (checkpointing.Checkpointer).
   preprocess  seconds per LUNA16-sized scan per worker (benchmarks/preprocess.py).
   profile     a jax.profiler trace of a few train steps in WORKDIR/profile (TensorBoard /
@@ -49,7 +54,7 @@ from jaxmed.benchmarks import preprocess as preprocess_bench
 from jaxmed.benchmarks import step as step_bench
 from jaxmed.benchmarks import tables
 
-WHATS = ('step', 'input', 'e2e', 'compare', 'comms', 'checkpoint', 'preprocess', 'profile',
+WHATS = ('step', 'input', 'e2e', 'compare', 'comms', 'meshes', 'checkpoint', 'preprocess', 'profile',
          'summary')
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
@@ -61,12 +66,14 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats; the median is repo
 _SECONDS = flags.DEFINE_float('seconds', 5.0, 'input: seconds per measurement.')
 _WORKERS = flags.DEFINE_string('workers', '', 'input: comma-separated Grain worker counts '
                                '(default: 0 and config.data.workers).')
+_CROP_SIZES = flags.DEFINE_string('crop_sizes', '32,64', 'meshes: crop edges to compile for.')
 _PEAK_SIZE = flags.DEFINE_integer('peak_size', 0, 'Matmul edge for the peak (0: 8192 on '
                                   'accelerators, 1024 on CPU).')
 
 
 def run(what: str, config, workdir: str, *, steps: int = 10, warmup: int = 3, repeats: int = 3,
-        seconds: float = 5.0, workers: Sequence[int] = (), peak_size: int = 0) -> dict:
+        seconds: float = 5.0, workers: Sequence[int] = (), peak_size: int = 0,
+        crop_sizes: Sequence[int] = (32, 64)) -> dict:
   """Runs one benchmark, writes workdir/benchmark_<what>.json, prints its table; returns it."""
   os.makedirs(workdir, exist_ok=True)
   if what == 'step':
@@ -83,6 +90,8 @@ def run(what: str, config, workdir: str, *, steps: int = 10, warmup: int = 3, re
     result = compare_bench.benchmark_compare(config, steps, warmup, repeats, peak_size)
   elif what == 'comms':
     result = comms_bench.benchmark_comms(config)
+  elif what == 'meshes':
+    result = comms_bench.benchmark_meshes(crop_sizes)
   elif what == 'checkpoint':
     result = checkpoint_bench.benchmark_checkpoint(config, workdir, max(repeats, 1))
   elif what == 'preprocess':
@@ -116,6 +125,8 @@ def main(argv):
   if _WHAT.value == 'compare':
     # JAX and PyTorch share the accelerator: keep JAX from taking 75% of its memory up front.
     os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.45')
+  if _WHAT.value == 'meshes' and not config.distributed.cpu_devices:
+    config.distributed.cpu_devices = 8  # The shipped meshes span 8 devices.
   from jaxmed.errors import exit_with_one_line
   from jaxmed.parallel import distributed
   with exit_with_one_line():
@@ -123,7 +134,8 @@ def main(argv):
     workers = tuple(int(w) for w in _WORKERS.value.split(',') if w.strip())
     run(_WHAT.value, config, workdir, steps=_STEPS.value, warmup=_WARMUP.value,
         repeats=_REPEATS.value, seconds=_SECONDS.value, workers=workers,
-        peak_size=_PEAK_SIZE.value)
+        peak_size=_PEAK_SIZE.value,
+        crop_sizes=tuple(int(c) for c in _CROP_SIZES.value.split(',') if c.strip()))
 
 
 if __name__ == '__main__':

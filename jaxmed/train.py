@@ -128,12 +128,17 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
   ts.model.train()
 
   def loss_fn(model):
-    loss = bce_loss(model(images), batch['label'])
+    # fsdp: every sharded weight is gathered once here, for the forward and the backward pass;
+    # batch-norm statistics stay the model's own variables, so their updates land in it.
+    model_graphdef, model_state = nnx.split(model)
+    compute_model = nnx.merge(model_graphdef, sharding_lib.gather_parameters(model_state))
+    loss = bce_loss(compute_model(images), batch['label'])
     if config.train.nan_at_step >= 0:  # Test hook: poison this one step; absent otherwise.
       loss = loss * jnp.where(step == config.train.nan_at_step, jnp.nan, 1.0)
     return loss
 
   loss, grads = nnx.value_and_grad(loss_fn)(ts.model)
+  grads = sharding_lib.scatter_gradients(grads)
   ts.optimizer.update(ts.model, grads)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'learning_rate': learning_rate_schedule(config)(step)}

@@ -1,34 +1,121 @@
-"""--what=comms: collective bytes per device per step in the compiled train step's HLO
-(parallel/collectives.py counts them), beside the data-parallel minimum."""
+"""--what=comms and --what=meshes: collective bytes and per-device memory of the compiled train
+step, against the analytic minimum of jaxmed/parallel/communication.py.
+
+The step is lowered on abstract inputs (jax.ShapeDtypeStructs carrying the mesh's shardings)
+and compiled, never run: any model size fits on a CPU host.
+"""
 
 from __future__ import annotations
 
-import math
+import os
+import time
 from typing import Any
 
-from jaxmed.benchmarks.step import StepBench
 from jaxmed.benchmarks.step import describe_run
 
+# The shipped mesh configs the parallelism table covers.
+MESH_CONFIGS = ('mesh_8x1', 'mesh_2x4', 'mesh_1x8', 'fsdp_8', 'spatial_2x4')
 
-def benchmark_comms(config) -> dict[str, Any]:
-  """Collective bytes per device per step of the compiled train step, and the DP minimum.
 
-  Data parallel needs one all-reduce of the gradients per step: result bytes = parameter
-  gradient bytes; a ring moves 2 (n-1)/n times that through each device's links (the analytic
-  minimum, also listed). BatchNorm statistics add a few small all-reduces.
+def compile_train_step(config) -> dict[str, Any]:
+  """The production train step, sharded as the config says, compiled on abstract inputs.
+
+  Returns {'compiled', 'mesh', 'rules', 'abstract_state', 'compile_s'}.
   """
+  import jax
+  import jax.numpy as jnp
+
+  from jaxmed import train
+  from jaxmed.parallel import sharding as sharding_lib
+  mesh, rules = train.create_mesh_and_rules(config)
+  b, s = config.train.global_batch_size, config.data.stored_crop_size
+  with sharding_lib.use_rules(mesh, rules):
+    graphdef, abstract_state, shardings = train.abstract_train_state(config, mesh, rules)
+    step_fn = train.make_train_step(graphdef, shardings, config)
+
+    def batch_array(shape, dtype):  # As the input pipeline shards: the batch axis only.
+      spec = sharding_lib.batch_sharding(mesh, rules, ndim=len(shape))
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
+
+    batch = {'crops': batch_array((b, s, s, s), jnp.int16), 'label': batch_array((b,), jnp.int32),
+             'index': batch_array((b,), jnp.int32), 'row': batch_array((b,), jnp.int32)}
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(abstract_state, batch, jnp.int32(0)).compile()
+  return {'compiled': compiled, 'mesh': mesh, 'rules': rules, 'abstract_state': abstract_state,
+          'compile_s': time.perf_counter() - t0}
+
+
+def state_bytes_per_device(abstract_state) -> dict[str, int]:
+  """Bytes of one device's shard of the parameters and of the optimizer state."""
+  import math
+
   import jax
   from flax import nnx
 
+  def shard_bytes(tree):
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+      shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+      total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+  return {'parameters': shard_bytes(abstract_state['model'].filter(nnx.Param)),
+          'optimizer_state': shard_bytes(abstract_state['optimizer'])}
+
+
+def benchmark_comms(config) -> dict[str, Any]:
+  """Measured collective ring bytes per device per step, by kind, beside the analytic minimum;
+  and per-device memory (parameters, optimizer state, temporaries)."""
   from jaxmed.parallel import collectives
-  bench = StepBench(config)
-  comms = collectives.collective_bytes(bench.compiled.as_text())
-  params = nnx.state(nnx.merge(bench.graphdef, bench.state).model, nnx.Param)
-  grad_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
-  n = math.prod(bench.mesh.shape[a] for a in ('data', 'fsdp'))
-  return {**describe_run(config), 'collectives': comms,
-          'total_bytes': sum(c['bytes'] for c in comms.values()),
-          'param_gradient_bytes': grad_bytes, 'batch_shards': n,
-          'dp_allreduce_result_bytes': grad_bytes if n > 1 else 0,
-          'dp_ring_bytes_per_device': 2 * (n - 1) / n * grad_bytes,
-          'compile_s': bench.compile_s}
+  from jaxmed.parallel import communication
+  step = compile_train_step(config)
+  compiled, mesh = step['compiled'], step['mesh']
+  measured = collectives.summarize(collectives.parse_collectives(compiled.as_text()))
+  plan = communication.trace_plan(config.model, config.data.crop_size,
+                                  config.train.global_batch_size)
+  itemsize = 2 if config.model.dtype == 'bfloat16' else 4
+  minimum = communication.minimum_bytes(plan, dict(mesh.shape), step['rules'], itemsize)
+  measured_total = sum(c['ring_bytes'] for c in measured.values())
+  memory = state_bytes_per_device(step['abstract_state'])
+  try:
+    analysis = compiled.memory_analysis()
+    memory.update(temporaries=int(analysis.temp_size_in_bytes),
+                  arguments=int(analysis.argument_size_in_bytes))
+  except Exception:  # Not every backend reports it.
+    pass
+  return {**describe_run(config), 'collectives': measured, 'measured_ring_bytes': measured_total,
+          'minimum': minimum['by_kind'], 'minimum_by_axis': minimum['by_axis'],
+          'minimum_ring_bytes': minimum['total'],
+          'ratio': measured_total / minimum['total'] if minimum['total'] else None,
+          'replicated_layers': minimum['replicated_layers'], 'memory': memory,
+          'compile_s': step['compile_s']}
+
+
+def seed_model_config(mesh_config_name: str, crop_size: int, batch: int = 64):
+  """A shipped mesh config with the seed's ResNet-18 (width 64, plain strided convolutions, as
+  configs/luna16.py), float32, `crop_size`^3 crops (stored 1.25x) and batch `batch`."""
+  import importlib
+
+  config = importlib.import_module(f'configs.{mesh_config_name}').get_config()
+  config.model.update(name='resnet3d', depth=18, width=64, stem_kernel=7, stem_stride=2,
+                      stem_pool=True, space_to_depth='none', dtype='float32')
+  config.data.crop_size = crop_size
+  config.data.stored_crop_size = crop_size + crop_size // 4
+  config.train.global_batch_size = batch
+  config.train.eval_batch_size = batch
+  config.name = f'{mesh_config_name}_seed_{crop_size}'
+  return config
+
+
+def benchmark_meshes(crop_sizes=(32, 64), configs=MESH_CONFIGS) -> dict[str, Any]:
+  """--what=comms for every shipped mesh config with the seed's ResNet-18, at each crop size."""
+  rows = []
+  for crop_size in crop_sizes:
+    for name in configs:
+      result = benchmark_comms(seed_model_config(name, crop_size))
+      rows.append({'config': name, 'crop_size': crop_size, **{
+          k: result[k] for k in ('mesh', 'collectives', 'measured_ring_bytes', 'minimum',
+                                 'minimum_ring_bytes', 'ratio', 'memory', 'replicated_layers',
+                                 'compile_s')}})
+      print(f"{name} {crop_size}^3: ratio {result['ratio']:.3f}", flush=True)
+  return {'rows': rows, 'devices': os.environ.get('XLA_FLAGS', '')}

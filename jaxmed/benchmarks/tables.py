@@ -22,6 +22,11 @@ def _gib(value) -> str:
   return '-' if value is None else f'{value / 2**30:.2f} GiB'
 
 
+def _memory(m: dict) -> str:
+  return (f"params {_si(m.get('parameters'), 'B')}, optimizer {_si(m.get('optimizer_state'), 'B')}"
+          f", temporaries {_si(m.get('temporaries'), 'B')}")
+
+
 def _head(r: dict) -> list[tuple[str, str]]:
   return [('model', f"{r['model']}-{r['depth']} width {r['width']} s2d {r['space_to_depth']} "
                     f"{r['dtype']}"),
@@ -64,12 +69,26 @@ def table_rows(what: str, r: dict) -> list[tuple[str, str]]:
                             f"{r['data_workers']} Grain workers)"),
              ('input wait', f"{100 * r['input_wait_fraction']:.1f} % of the time")]
   elif what == 'comms':
+    rows.append(('collective', 'measured ring bytes/device (ops) | analytic minimum'))
     for kind, c in r['collectives'].items():
-      rows.append((kind, f"{c['count']} ops, {_si(c['bytes'], 'B')}"))
-    rows += [('param gradients', _si(r['param_gradient_bytes'], 'B')),
-             ('DP minimum', f"all-reduce of {_si(r['dp_allreduce_result_bytes'], 'B')}; ring "
-                            f"{_si(r['dp_ring_bytes_per_device'], 'B')}/device over "
-                            f"{r['batch_shards']} shards")]
+      if c['count'] or r['minimum'].get(kind):
+        rows.append((kind, f"{_si(c['ring_bytes'], 'B')} ({c['count']}) | "
+                           f"{_si(r['minimum'].get(kind, 0), 'B')}"))
+    ratio = '-' if r['ratio'] is None else f"{r['ratio']:.3f}"
+    rows += [('total', f"{_si(r['measured_ring_bytes'], 'B')} | "
+                       f"{_si(r['minimum_ring_bytes'], 'B')}: ratio {ratio}"),
+             ('memory/device', _memory(r['memory']))]
+    if r['replicated_layers']:
+      rows.append(('not split', ', '.join(f'layer {i} (depth {d})'
+                                          for i, d in r['replicated_layers'])))
+  elif what == 'meshes':
+    rows.append(('mesh, crop', 'measured | minimum ring bytes/device/step: ratio; memory/device'))
+    for row in r['rows']:
+      ratio = '-' if row['ratio'] is None else f"{row['ratio']:.3f}"
+      rows.append((f"{row['config']} ({row['mesh']}) {row['crop_size']}^3",
+                   f"{_si(row['measured_ring_bytes'], 'B')} | "
+                   f"{_si(row['minimum_ring_bytes'], 'B')}: {ratio}; "
+                   f"{_memory(row['memory'])}"))
   elif what == 'checkpoint':
     rows += [('train state', _si(r['state_bytes'], 'B')),
              ('save', f"{r['save_s']:.2f} s to disk ({r['save_gb_per_s']:.2f} GB/s); "

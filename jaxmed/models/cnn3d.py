@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmed.models.resnet3d import ACTIVATION_AXES, ClassifierHead, batch_norm, conv3d
+from jaxmed.models.resnet3d import (ACTIVATION_AXES, CONV_INPUT_AXES, ROW_OUTPUT_AXES,
+                                    ClassifierHead, apply_conv, batch_norm, conv3d, max_pool_same)
 from jaxmed.parallel.sharding import constrain
 
 STAGE_MULTIPLIERS = (1, 2, 4)
@@ -29,13 +30,16 @@ class ConvStage(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv1 = conv3d(in_channels, out_channels, 3, 1, **kw)
     self.norm1 = batch_norm(out_channels, **kw)
-    self.conv2 = conv3d(out_channels, out_channels, 3, 1, **kw)
+    self.conv2 = conv3d(out_channels, out_channels, 3, 1, row_parallel=True, **kw)
     self.norm2 = batch_norm(out_channels, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nnx.relu(self.norm1(self.conv1(x)))
-    x = nnx.relu(self.norm2(self.conv2(x)))
-    x = nnx.max_pool(x, (2, 2, 2), strides=(2, 2, 2), padding='SAME')
+    # A Megatron pair (see resnet3d): gather the input channels, reduce-scatter conv2's output.
+    x = constrain(apply_conv(self.conv1, constrain(x, CONV_INPUT_AXES), False), ACTIVATION_AXES)
+    x = nnx.relu(self.norm1(x))
+    x = constrain(apply_conv(self.conv2, x, False), ACTIVATION_AXES, ROW_OUTPUT_AXES)
+    x = nnx.relu(self.norm2(x))
+    x = max_pool_same(x, 2, 2)
     return constrain(x, ACTIVATION_AXES)
 
 

@@ -8,10 +8,17 @@ Input crops (B, D, H, W, 1) float in [0, 1] -> logits (B,) float32.
   head:   BN -> ReLU -> global average pool -> dense -> one logit
 
 Parameters and activations carry logical axis names only (see jaxmed.parallel.sharding):
-  conv kernel (kd, kh, kw, cin, cout): ('kernel_spatial',) * 3 + ('conv_in', 'conv_out')
+  activations (B, D, H, W, C): ('batch', 'depth', 'height', 'width', 'channels')
+  the input of a column-parallel conv, all its channels: (..., 'conv_in')
+  conv kernel (kd, kh, kw, cin, cout): ('kernel_spatial',) * 3 + ('conv_in', 'conv_out') for
+    the stem, a block's first conv and its projection (column-parallel: output channels on
+    'conv_out'), and ('kernel_spatial',) * 3 + ('conv_out', 'conv_in') for a block's second conv
+    (row-parallel: it contracts over the channels the first one split, Megatron's pairing)
   batch-norm scale / bias / mean / var (C,): ('channels',)
   dense kernel (F, 1): ('features', None); dense bias (1,): (None,)
-  activations (B, D, H, W, C): ('batch', 'depth', 'height', 'width', 'channels')
+With 'channels' and 'conv_out' on the model axis, a block all-gathers its (pre-activated) input
+before its first conv and reduce-scatters its second conv's output: one all-reduce's worth of
+bytes per block and direction, batch norm on channel shards (jaxmed/parallel/communication.py).
 BatchNorm statistics are float32 means over batch and space; under jit with a batch-sharded
 input they are global-batch statistics (GSPMD inserts the all-reduce), so every mesh computes
 the same numbers. `model.train()` / `model.eval()` switch between batch statistics and the
@@ -25,16 +32,24 @@ how XLA computes, not what: outputs agree with 'none' to float rounding.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxmed.errors import ConfigError
-from jaxmed.parallel.sharding import constrain
+from jaxmed.parallel import spatial
+from jaxmed.parallel.sharding import constrain, is_sharded
+from jaxmed.parallel.spatial import same_padding
 
 ACTIVATION_AXES = ('batch', 'depth', 'height', 'width', 'channels')
-CONV_KERNEL_AXES = ('kernel_spatial',) * 3 + ('conv_in', 'conv_out')
+CONV_INPUT_AXES = ('batch', 'depth', 'height', 'width', 'conv_in')
+ROW_OUTPUT_AXES = CONV_INPUT_AXES  # a row-parallel conv's output dim is named 'conv_in' too
+CONV_KERNEL_AXES = ('kernel_spatial',) * 3 + ('conv_in', 'conv_out')  # column-parallel
+ROW_CONV_KERNEL_AXES = ('kernel_spatial',) * 3 + ('conv_out', 'conv_in')  # row-parallel
 CHANNEL_AXES = ('channels',)
+_NDHWC = ('NDHWC', 'DHWIO', 'NDHWC')
 STAGE_BLOCKS = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 STAGE_MULTIPLIERS = (1, 2, 4, 8)
 
@@ -46,12 +61,17 @@ def _logical(init, axes):
 
 
 def conv3d(in_channels: int, out_channels: int, kernel: int, stride: int = 1, *,
-           dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  """k^3 convolution, SAME padding, no bias (a batch norm or a residual sum follows)."""
+           dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs,
+           row_parallel: bool = False) -> nnx.Conv:
+  """k^3 convolution, SAME padding, no bias (a batch norm or a residual sum follows).
+
+  row_parallel names the kernel for the second conv of a Megatron pair (module docstring).
+  """
+  axes = ROW_CONV_KERNEL_AXES if row_parallel else CONV_KERNEL_AXES
   return nnx.Conv(
       in_channels, out_channels, (kernel,) * 3, (stride,) * 3, padding='SAME', use_bias=False,
       dtype=dtype, param_dtype=param_dtype,
-      kernel_init=_logical(nnx.initializers.he_normal(), CONV_KERNEL_AXES), rngs=rngs)
+      kernel_init=_logical(nnx.initializers.he_normal(), axes), rngs=rngs)
 
 
 def batch_norm(channels: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
@@ -70,13 +90,6 @@ def batch_norm(channels: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
 # ---- space-to-depth: strided convolutions as stride-1 convolutions (same math) ----------------
 
 SPACE_TO_DEPTH_MODES = ('none', 'stem', 'all')
-
-
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  """(low, high) zero padding of XLA/Flax 'SAME' for one spatial axis: output ceil(size/stride)."""
-  out = -(-size // stride)
-  total = max((out - 1) * stride + kernel - size, 0)
-  return total // 2, total - total // 2
 
 
 def space_to_depth(x: jax.Array, block: int) -> jax.Array:
@@ -116,29 +129,107 @@ def strided_conv(conv: nnx.Conv, x: jax.Array) -> jax.Array:
   fwd+bwd, against 0.18 s as space-to-depth + 1x1x1 conv).
   """
   strides = tuple(conv.strides) if not isinstance(conv.strides, int) else (conv.strides,) * 3
-  s = strides[0]
-  if conv.use_bias or len(set(strides)) != 1 or s == 1 or conv.padding != 'SAME':
+  if conv.use_bias or len(set(strides)) != 1 or strides[0] == 1 or conv.padding != 'SAME':
     return conv(x)
-  kernel = conv.kernel[...]
-  x, kernel = x.astype(conv.dtype or x.dtype), kernel.astype(conv.dtype or kernel.dtype)
-  if all(k == 1 for k in conv.kernel_size):
-    x = x[:, ::s, ::s, ::s]
+  x, kernel = x.astype(conv.dtype or x.dtype), conv.kernel[...].astype(conv.dtype or x.dtype)
+  return conv_same(x, kernel, strides[0], True, conv.precision)
+
+
+def conv_same(x: jax.Array, kernel: jax.Array, stride: int, space_to_depth_strided: bool,
+              precision=None, depth_padding: tuple[int, int] | None = None) -> jax.Array:
+  """'SAME' conv of (B, D, H, W, Cin) x by a (k, k, k, Cin, Cout) kernel, equal strides.
+
+  depth_padding: (low, high) planes along depth instead of 'SAME' (a depth-split slab that
+  already holds its halo uses (0, 0)). With space_to_depth_strided and stride s > 1 it computes
+  the same sums without a strided conv (see strided_conv).
+  """
+  s, k = stride, kernel.shape[:3]
+  pads = [same_padding(size, ki, s) for size, ki in zip(x.shape[1:4], k)]
+  if depth_padding is not None:
+    pads[0] = tuple(depth_padding)
+  if s == 1 or not space_to_depth_strided:
+    return jax.lax.conv_general_dilated(x, kernel, (s,) * 3, pads, dimension_numbers=_NDHWC,
+                                        precision=precision)
+  outs = [(size + lo + hi - ki) // s + 1 for size, (lo, hi), ki in zip(x.shape[1:4], pads, k)]
+  if all(ki == 1 for ki in k):
+    x = jnp.pad(x, [(0, 0)] + [(lo, max(hi, 0)) for lo, hi in pads] + [(0, 0)])
+    x = x[:, :s * outs[0]:s, :s * outs[1]:s, :s * outs[2]:s]
   else:
-    pads = []
-    for size, k in zip(x.shape[1:4], conv.kernel_size):
-      low, _ = same_padding(size, k, s)
-      out, taps = -(-size // s), -(-k // s)
-      pads.append((low, s * (out + taps - 1) - size - low))
-    x = space_to_depth(jnp.pad(x, [(0, 0)] + pads + [(0, 0)]), s)
+    taps = [-(-ki // s) for ki in k]
+    # Zeros up to a multiple of s past the end: only zero taps of the rearranged kernel read them.
+    ends = [s * (out + t - 1) - size - lo for size, out, t, (lo, _) in zip(x.shape[1:4], outs,
+                                                                         taps, pads)]
+    x = space_to_depth(jnp.pad(x, [(0, 0)] + [(lo, end) for (lo, _), end in zip(pads, ends)]
+                               + [(0, 0)]), s)
     kernel = space_to_depth_kernel(kernel, s)
-  return jax.lax.conv_general_dilated(
-      x, kernel, (1, 1, 1), 'VALID', dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'),
-      precision=conv.precision)
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), 'VALID', dimension_numbers=_NDHWC,
+                                      precision=precision)
 
 
 def apply_conv(conv: nnx.Conv, x: jax.Array, space_to_depth_strided: bool) -> jax.Array:
-  """conv(x), through strided_conv when asked and the conv is strided."""
-  return strided_conv(conv, x) if space_to_depth_strided else conv(x)
+  """conv(x) for jaxmed's bias-free 'SAME' convs, split along depth where the mesh says so
+  (jaxmed/parallel/spatial.py), through space-to-depth when asked and the conv is strided."""
+  stride = conv.strides[0] if not isinstance(conv.strides, int) else conv.strides
+  dtype = conv.dtype or x.dtype
+
+  def op(x, kernel, depth_padding):
+    return conv_same(x, kernel, stride, space_to_depth_strided, conv.precision, depth_padding)
+
+  return spatial.depth_parallel(op, x.astype(dtype), conv.kernel[...].astype(dtype),
+                                kernel=conv.kernel_size[0], stride=stride)
+
+
+def max_pool_same(x: jax.Array, window: int, stride: int) -> jax.Array:
+  """'SAME' max-pool of (B, D, H, W, C), split along depth where the mesh says so."""
+
+  def op(x, _, depth_padding):
+    pads = [same_padding(size, window, stride) for size in x.shape[1:4]]
+    if depth_padding is not None:
+      pads[0] = tuple(depth_padding)
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1,) + (window,) * 3 + (1,),
+                                 (1,) + (stride,) * 3 + (1,), [(0, 0)] + pads + [(0, 0)])
+
+  return spatial.depth_parallel(op, x, (), kernel=window, stride=stride, pad_value=-jnp.inf)
+
+
+# ---- a downsampling block's conv1 and projection: one gathered input, one gradient ------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def shared_input_convs(y: jax.Array, kernel: jax.Array, projection: jax.Array, stride: int,
+                       space_to_depth_strided: bool) -> tuple[jax.Array, jax.Array]:
+  """(conv_same(y, kernel), conv_same(y, projection)): a k^3 and a 1^3 conv of the same input.
+
+  The same values as two convs. The difference is the backward pass: the two input gradients
+  come out of ONE transposed conv (the 1^3 kernel embedded in the k^3 one at the tap 'SAME'
+  aligns it with, the output channels of both interleaved), so under tensor parallelism their
+  sum is reduce-scattered once, where XLA would all-reduce each partial sum on its own.
+  """
+  return (conv_same(y, kernel, stride, space_to_depth_strided),
+          conv_same(y, projection, stride, space_to_depth_strided))
+
+
+def _shared_input_convs_fwd(y, kernel, projection, stride, space_to_depth_strided):
+  outputs = shared_input_convs(y, kernel, projection, stride, space_to_depth_strided)
+  return outputs, (y, kernel, projection)
+
+
+def _shared_input_convs_bwd(stride, space_to_depth_strided, residuals, cotangents):
+  y, kernel, projection = residuals
+  ct_main, ct_projection = cotangents
+  conv = lambda x, k: conv_same(x, k, stride, space_to_depth_strided)
+  d_kernel = jax.vjp(lambda k: conv(y, k), kernel)[1](ct_main)[0]
+  d_projection = jax.vjp(lambda k: conv(y, k), projection)[1](ct_projection)[0]
+  taps = tuple(same_padding(size, k, stride)[0] for size, k in zip(y.shape[1:4], kernel.shape))
+  embedded = jnp.zeros_like(kernel).at[taps].set(projection[0, 0, 0])
+  # (Cout, 2) -> 2 Cout keeps each device's output-channel shard contiguous: no resharding.
+  combined = jnp.stack([kernel, embedded], -1).reshape(kernel.shape[:4] + (-1,))
+  cts = jnp.stack([ct_main, ct_projection], -1).reshape(ct_main.shape[:4] + (-1,))
+  d_y = jax.vjp(lambda x: conv(x, combined), y)[1](cts)[0]
+  return d_y, d_kernel, d_projection
+
+
+shared_input_convs.defvjp(_shared_input_convs_fwd, _shared_input_convs_bwd)
 
 
 class ClassifierHead(nnx.Module):
@@ -174,18 +265,31 @@ class PreActBasicBlock(nnx.Module):
     self.norm1 = batch_norm(in_channels, **kw) if preactivate else None
     self.conv1 = conv3d(in_channels, out_channels, 3, stride, **kw)
     self.norm2 = batch_norm(out_channels, **kw)
-    self.conv2 = conv3d(out_channels, out_channels, 3, 1, **kw)
+    self.conv2 = conv3d(out_channels, out_channels, 3, 1, row_parallel=True, **kw)
     needs_projection = stride != 1 or in_channels != out_channels
     self.projection = conv3d(in_channels, out_channels, 1, stride, **kw) if needs_projection \
         else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = nnx.relu(self.norm1(x)) if self.preactivate else x
-    shortcut = (apply_conv(self.projection, y, self.space_to_depth)
-                if self.projection is not None else x)
-    y = apply_conv(self.conv1, y, self.space_to_depth)
-    y = self.conv2(nnx.relu(self.norm2(y)))
-    return constrain(y + shortcut, ACTIVATION_AXES)
+    # Column-parallel convs read all input channels: gather them here, once for conv1 and the
+    # projection, and before any padding or space-to-depth makes the tensor larger.
+    y = constrain(y, CONV_INPUT_AXES)
+    if self.projection is not None and is_sharded('conv_out'):
+      dtype = self.conv1.dtype or y.dtype
+      h, shortcut = shared_input_convs(
+          y.astype(dtype), self.conv1.kernel[...].astype(dtype),
+          self.projection.kernel[...].astype(dtype), self.conv1.strides[0], self.space_to_depth)
+    else:
+      shortcut = (apply_conv(self.projection, y, self.space_to_depth)
+                  if self.projection is not None else x)
+      h = apply_conv(self.conv1, y, self.space_to_depth)
+    h = constrain(h, ACTIVATION_AXES)
+    # Row-parallel: partial sums over the channel shards, reduce-scattered back onto channels;
+    # backward, the output gradient is gathered once, for the input and the kernel gradient.
+    out = constrain(apply_conv(self.conv2, nnx.relu(self.norm2(h)), False), ACTIVATION_AXES,
+                    ROW_OUTPUT_AXES)
+    return constrain(out + shortcut, ACTIVATION_AXES)
 
 
 class ResNet3D(nnx.Module):
@@ -220,7 +324,7 @@ class ResNet3D(nnx.Module):
     x = constrain(crops.astype(self.dtype), ACTIVATION_AXES)
     x = nnx.relu(self.stem_norm(apply_conv(self.stem_conv, x, self.stem_space_to_depth)))
     if self.stem_pool:
-      x = nnx.max_pool(x, (3, 3, 3), strides=(2, 2, 2), padding='SAME')
+      x = max_pool_same(x, 3, 2)
     x = constrain(x, ACTIVATION_AXES)
     for block in self.blocks:
       x = block(x)

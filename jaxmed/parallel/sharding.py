@@ -20,6 +20,7 @@ rules)` is active, so models run unsharded in plain code and tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -171,13 +172,26 @@ def current_rules() -> LogicalRules:
   return tuple(flax_spmd.get_logical_axis_rules())
 
 
-def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
+def is_sharded(logical_name: str) -> bool:
+  """Whether `logical_name` maps to a mesh axis of size > 1 under the current use_rules."""
+  rules = current_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  return bool(rules) and not mesh.empty and bool(mesh_axes_for(logical_name, mesh, rules))
+
+
+def constrain(x: jax.Array, logical_axes: LogicalAxes,
+              cotangent_axes: LogicalAxes | None = None) -> jax.Array:
   """Constrains activation `x` to the sharding its logical axis names resolve to.
 
   Inside use_rules (and under jit) this is jax.lax.with_sharding_constraint with the resolved
   spec, dimensions not divisible by their mesh axes replicated; with no mesh or no rules active
-  it returns x unchanged.
+  it returns x unchanged. With `cotangent_axes`, the backward pass constrains x's cotangent to
+  those names instead of `logical_axes`: e.g. the output of a row-parallel conv is
+  reduce-scattered onto channel shards forward, and its gradient all-gathered once backward
+  for both uses (the input and the kernel gradient) rather than once per use.
   """
+  if cotangent_axes is not None:
+    return _constrain_both_ways(x, tuple(logical_axes), tuple(cotangent_axes))
   rules = current_rules()
   mesh = jax.sharding.get_abstract_mesh()
   if not rules or mesh.empty:
@@ -185,3 +199,67 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
   spec = logical_to_spec(logical_axes, mesh, rules, x.shape)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _constrain_both_ways(x, logical_axes, cotangent_axes):
+  return constrain(x, logical_axes)
+
+
+def _constrain_both_ways_fwd(x, logical_axes, cotangent_axes):
+  return constrain(x, logical_axes), None
+
+
+def _constrain_both_ways_bwd(logical_axes, cotangent_axes, _, cotangent):
+  return (constrain(cotangent, cotangent_axes),)
+
+
+_constrain_both_ways.defvjp(_constrain_both_ways_fwd, _constrain_both_ways_bwd)
+
+
+def _constrain_variables(tree: Any, drop_batch_axes: bool) -> Any:
+  """Constrains every Variable of `tree` that a batch mesh axis shards (module doc of callers)."""
+  rules = current_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return tree
+  batch_axes = set(mesh_axes_for('batch', mesh, rules))
+  if not batch_axes:
+    return tree
+  compute_rules = tuple((name, tuple(a for a in axes if a not in batch_axes))
+                        for name, axes in _rules_dict(rules).items())
+
+  def constrain_variable(variable):
+    if not isinstance(variable, nnx.Variable):
+      return variable
+    value = variable.get_value()
+    axes = variable.get_metadata().get(LOGICAL_AXES_KEY)
+    if not axes or not getattr(value, 'ndim', 0):
+      return variable
+    spec = logical_to_spec(tuple(axes), mesh, rules, value.shape)
+    if not batch_axes & {a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))}:
+      return variable
+    if drop_batch_axes:
+      spec = logical_to_spec(tuple(axes), mesh, compute_rules, value.shape)
+    return variable.replace(jax.lax.with_sharding_constraint(value, NamedSharding(mesh, spec)))
+
+  return jax.tree.map(constrain_variable, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def gather_parameters(params: Any) -> Any:
+  """Parameters placed as the forward and backward passes use them (the ZeRO-3 all-gather).
+
+  `params` is an nnx.State of Variables carrying logical axis names. Each one that a batch mesh
+  axis (data, fsdp) shards is constrained to its placement without those axes: all-gathered
+  once, before the forward pass, and the same gathered copy serves the backward pass. A no-op
+  outside use_rules and for every other variable.
+  """
+  return _constrain_variables(params, drop_batch_axes=True)
+
+
+def scatter_gradients(grads: Any) -> Any:
+  """Gradients placed as their parameters are stored: the ZeRO-3 reduce-scatter.
+
+  Without it the summed gradient of a gathered weight may be kept whole for the gradient norm
+  and the update, costing an all-reduce (twice the bytes) instead of a reduce-scatter.
+  """
+  return _constrain_variables(grads, drop_batch_axes=False)

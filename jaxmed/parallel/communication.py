@@ -1,0 +1,238 @@
+"""The analytic minimum communication of one training step, per mesh axis, for jaxmed's CNNs.
+
+Bytes are ring bytes per device (parallel/collectives.py): all-reduce of S over g devices
+2 (g-1)/g S; all-gather or reduce-scatter of a full tensor S (g-1)/g S; a halo plane sent to a
+neighbour its own size. n_b = data x fsdp shards the batch (B_l = B / n_b examples per device),
+n_m = model, n_s = spatial. The layers (convolutions, pools, batch-norm statistics) are read
+from the model's own forward pass (a jaxpr traced on the step's shapes), so the derivation holds
+for any depth, width and crop size.
+
+data (and every axis that holds the same parameters but different examples or voxels):
+  each gradient is summed once over the devices that computed partial sums of it: an
+  all-reduce of the parameter's per-device bytes over n_b (x n_s for layers split over depth).
+  Batch norm adds, per layer, an all-reduce of its two (C,) float32 statistics forward and two
+  backward, over the devices that share its channels.
+fsdp (ZeRO-3): a parameter sharded over fsdp is all-gathered once per step, before the
+  forward pass, and kept for the backward pass; its gradient is reduce-scattered back to the
+  shards: (n_f-1)/n_f of its bytes each, the same total as the data-parallel all-reduce, with
+  parameters and optimizer state cut n_f times.
+tensor (model, Megatron's pairing with channel-sharded residual stream): every activation
+  between blocks is sharded on channels. A block's first convolution (and the projection
+  shortcut that reads the same input) is column-parallel (kernel sharded on output channels):
+  its input is all-gathered forward and its input gradient reduce-scattered backward. Its
+  second convolution is row-parallel (kernel sharded on input channels): its output is
+  reduce-scattered forward and the output gradient all-gathered backward. Batch norm and ReLU
+  run on channel shards with no communication. So each block moves (n_m-1)/n_m (|in| + |out|)
+  per direction: exactly one all-reduce's worth, as a Megatron block does. The stem reads the
+  1-channel crops (nothing to gather); the head's dense layer all-reduces (B_l,) logits.
+spatial (activation depth split over n_s): a convolution or pool with kernel k, stride s and
+  'SAME' padding (lo, hi) needs lo planes of its input from the left neighbour and k - s - lo
+  from the right; backward, floor((k-1-lo)/s) and floor((lo+s-1)/s) planes of the output
+  gradient. A layer whose depth does not divide by n_s runs replicated: its input is
+  all-gathered once (forward). The global average pool all-reduces (B_l, C) over n_s.
+Loss and gradient-norm scalars (a few bytes) are not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxmed.parallel import sharding as sharding_lib
+
+KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute')
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """A convolution or max-pool of the forward pass (global shapes, (B, D, H, W, C))."""
+  op: str  # 'conv' or 'pool'
+  input_shape: tuple[int, ...]
+  output_shape: tuple[int, ...]
+  kernel_depth: int
+  stride_depth: int
+  pad_depth: tuple[int, int]
+  input_id: int  # layers reading the same activation share it
+  reads_model_input: bool  # the crops themselves: no gradient flows back
+  kernel_axes: tuple[Any, ...] = ()  # logical names of a conv kernel's dimensions
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the minimum is computed from: layers, batch-norm widths, parameters."""
+  layers: list[Layer]
+  norm_stats: list[tuple[int, int]]  # (C, depth) of every batch-norm statistic (2 per layer)
+  pooled: list[tuple[int, int, int]]  # (B, C, depth) of every global average pool
+  params: list[tuple[tuple[int, ...], int, tuple[Any, ...]]]  # (shape, itemsize, logical axes)
+  conv_param_depths: dict[int, int]  # param index -> output depth of the conv that uses it
+
+
+def trace_plan(model_config: Any, crop_size: int, global_batch_size: int) -> Plan:
+  """Layers and parameters of the model's forward pass on (B, S, S, S, 1) crops (abstract)."""
+  from jaxmed.models import create_model
+  config = dict(model_config.to_dict() if hasattr(model_config, 'to_dict') else model_config)
+  if 'space_to_depth' in config:
+    config['space_to_depth'] = 'none'  # The reference math; how XLA computes it is its business.
+  abstract = nnx.eval_shape(lambda: create_model(config, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+
+  def forward(state, crops):
+    model = nnx.merge(graphdef, state)
+    model.train()
+    return model(crops)
+
+  variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  crops = jax.ShapeDtypeStruct((global_batch_size,) + (crop_size,) * 3 + (1,), np.float32)
+  closed = jax.make_jaxpr(forward)(state, crops)
+  jaxpr = closed.jaxpr
+  param_of = {v: i for i, v in enumerate(jaxpr.invars[:len(variables)])}
+  model_input = jaxpr.invars[len(variables)]
+  derived_from_input = {model_input}
+  ids: dict[Any, int] = {}
+  layers, norm_stats, pooled, conv_depths = [], [], [], {}
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in ('convert_element_type', 'sharding_constraint', 'copy') and \
+        eqn.invars[0] in derived_from_input:
+      derived_from_input.add(eqn.outvars[0])
+    if name == 'conv_general_dilated':
+      lhs, rhs = eqn.invars
+      (lo, hi), stride = eqn.params['padding'][0], eqn.params['window_strides'][0]
+      param = param_of.get(rhs)
+      axes = ()
+      if param is not None:
+        axes = tuple(variables[param].get_metadata().get(sharding_lib.LOGICAL_AXES_KEY) or ())
+        conv_depths[param] = eqn.outvars[0].aval.shape[1]
+      layers.append(Layer('conv', lhs.aval.shape, eqn.outvars[0].aval.shape,
+                          rhs.aval.shape[0], stride, (lo, hi), ids.setdefault(lhs, len(ids)),
+                          lhs in derived_from_input, axes))
+    elif name == 'reduce_window_max':
+      (lo, hi) = eqn.params['padding'][1]
+      layers.append(Layer('pool', eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape,
+                          eqn.params['window_dimensions'][1], eqn.params['window_strides'][1],
+                          (lo, hi), ids.setdefault(eqn.invars[0], len(ids)), False))
+    elif name == 'reduce_sum' and len(eqn.invars[0].aval.shape) == 5:
+      shape, axes = eqn.invars[0].aval.shape, tuple(eqn.params['axes'])
+      if axes == (0, 1, 2, 3):
+        norm_stats.append((shape[4], shape[1]))
+      elif axes == (1, 2, 3):
+        pooled.append((shape[0], shape[4], shape[1]))
+  params = [(tuple(v.get_value().shape), np.dtype(v.get_value().dtype).itemsize,
+             tuple(v.get_metadata().get(sharding_lib.LOGICAL_AXES_KEY) or ()))
+            for v in variables if isinstance(v, nnx.Param)]
+  param_index = [i for i, v in enumerate(variables) if isinstance(v, nnx.Param)]
+  depths = {param_index.index(i): d for i, d in conv_depths.items() if i in param_index}
+  return Plan(layers, norm_stats, pooled, params, depths)
+
+
+def _ring_all_reduce(nbytes: float, group: int) -> float:
+  return 2 * (group - 1) / group * nbytes if group > 1 else 0.0
+
+
+def _ring_gather(nbytes: float, group: int) -> float:
+  return (group - 1) / group * nbytes if group > 1 else 0.0
+
+
+def halo_planes(kernel: int, stride: int, pad_low: int) -> tuple[int, int, int, int]:
+  """(forward left, forward right, backward left, backward right) planes of a depth-split layer.
+
+  Forward: input planes from the neighbours; backward: output-gradient planes (module doc).
+  """
+  return (max(pad_low, 0), max(kernel - stride - pad_low, 0),
+          max((kernel - 1 - pad_low) // stride, 0), max((pad_low + stride - 1) // stride, 0))
+
+
+def minimum_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
+                  activation_itemsize: int) -> dict[str, Any]:
+  """Analytic minimum ring bytes per device of one training step (module docstring).
+
+  mesh_shape: {'data', 'fsdp', 'model', 'spatial'} sizes. rules: the logical rules (they say
+  which parameter dimensions are sharded over which axes). Returns {'by_kind': {kind: bytes},
+  'by_axis': {'data', 'fsdp', 'tensor', 'spatial': bytes}, 'total': bytes,
+  'replicated_layers': [(layer index, depth), ...] (layers that do not split over spatial)}.
+  """
+  n_d, n_f, n_m, n_s = (mesh_shape.get(a, 1) for a in ('data', 'fsdp', 'model', 'spatial'))
+  n_b = n_d * n_f
+  mesh = jax.sharding.AbstractMesh((n_d, n_f, n_m, n_s), ('data', 'fsdp', 'model', 'spatial'))
+  by_kind = dict.fromkeys(KINDS, 0.0)
+  by_axis = dict.fromkeys(('data', 'fsdp', 'tensor', 'spatial'), 0.0)
+
+  def add(kind, axis, nbytes):
+    by_kind[kind] += nbytes
+    by_axis[axis] += nbytes
+
+  def split(depth):
+    return n_s > 1 and depth % n_s == 0
+
+  # ---- gradients and fsdp weights
+  for index, (shape, itemsize, axes) in enumerate(plan.params):
+    spec = sharding_lib.logical_to_spec(axes, mesh, rules, shape) if axes else ()
+    used = [a for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,))]
+    per_device = math.prod(shape) * itemsize / math.prod(mesh_shape.get(a, 1) for a in used)
+    depth = plan.conv_param_depths.get(index)
+    group = n_b * (n_s if depth is not None and split(depth) else 1)
+    if 'fsdp' in used:
+      full = per_device * n_f  # Gathered over fsdp, still sharded over the other axes.
+      add('all-gather', 'fsdp', _ring_gather(full, n_f))
+      add('reduce-scatter', 'fsdp', _ring_gather(full, n_f))
+      add('all-reduce', 'data', _ring_all_reduce(per_device, group // n_f))
+    else:
+      add('all-reduce', 'data', _ring_all_reduce(per_device, group))
+
+  # ---- batch-norm statistics (forward and backward) and global pools
+  for channels, depth in plan.norm_stats:
+    local = channels // n_m if channels % n_m == 0 else channels
+    group = n_b * (n_s if split(depth) else 1)
+    add('all-reduce', 'data', 2 * _ring_all_reduce(4 * local, group))
+  for batch, channels, depth in plan.pooled:
+    local = channels // n_m if channels % n_m == 0 else channels
+    if split(depth):  # Partial sums over each device's depth slab.
+      add('all-reduce', 'spatial', _ring_all_reduce(4 * local * batch // n_b, n_s))
+
+  # ---- per-layer activations: tensor and spatial
+  replicated, gathered = [], set()
+  for index, layer in enumerate(plan.layers):
+    b, d, h, w, c_in = layer.input_shape
+    _, d_out, h_out, w_out, c_out = layer.output_shape
+    local_batch = b // n_b
+    is_split = split(d) and split(d_out)
+    depth_local, out_depth_local = (d // n_s, d_out // n_s) if is_split else (d, d_out)
+    in_sharded = c_in % n_m == 0 and c_in > 1
+    c_in_local = c_in // n_m if n_m > 1 and in_sharded else c_in
+    c_out_local = c_out // n_m if n_m > 1 and c_out % n_m == 0 else c_out
+    input_bytes = local_batch * depth_local * h * w * c_in * activation_itemsize
+    output_bytes = local_batch * out_depth_local * h_out * w_out * c_out * activation_itemsize
+    if n_m > 1 and layer.op == 'conv':
+      spec = sharding_lib.logical_to_spec(layer.kernel_axes, mesh, rules,
+                                          (layer.kernel_depth,) * 3 + (c_in, c_out))
+      kernel_in, kernel_out = (tuple(spec) + (None,) * 5)[3:5]
+      if kernel_out == 'model' and kernel_in != 'model' and in_sharded:  # column-parallel
+        if layer.input_id not in gathered:
+          gathered.add(layer.input_id)
+          add('all-gather', 'tensor', _ring_gather(input_bytes, n_m))
+          if not layer.reads_model_input:
+            add('reduce-scatter', 'tensor', _ring_gather(input_bytes, n_m))
+      elif kernel_in == 'model' and kernel_out != 'model':  # row-parallel
+        add('reduce-scatter', 'tensor', _ring_gather(output_bytes, n_m))
+        add('all-gather', 'tensor', _ring_gather(output_bytes, n_m))
+    if n_s > 1:
+      plane_in = local_batch * h * w * c_in_local * activation_itemsize
+      plane_out = local_batch * h_out * w_out * c_out_local * activation_itemsize
+      if is_split:
+        f_left, f_right, b_left, b_right = halo_planes(layer.kernel_depth, layer.stride_depth,
+                                                       layer.pad_depth[0])
+        add('collective-permute', 'spatial', (f_left + f_right) * plane_in)
+        if not layer.reads_model_input:
+          add('collective-permute', 'spatial', (b_left + b_right) * plane_out)
+      else:
+        replicated.append((index, d))
+        if split(d) and ('spatial', layer.input_id) not in gathered:  # Its input was split.
+          gathered.add(('spatial', layer.input_id))
+          add('all-gather', 'spatial', _ring_gather(plane_in * d, n_s))
+  return {'by_kind': by_kind, 'by_axis': by_axis, 'total': sum(by_kind.values()),
+          'replicated_layers': replicated}
