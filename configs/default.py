@@ -128,6 +128,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- evaluation (--mode=eval) -----------------------------------------------------------
   config.eval = eval_ = ml_collections.ConfigDict()
   eval_.bootstrap_samples = 1000  # Bootstrap resamples over scans for the CPM 95% interval.
+  # FROC arithmetic: 'official' (the LUNA16 script's numbers to the last bit, FPs per scan as
+  # fpr * FPs / scans in floating point) or 'exact' (integer FP count / scans).
+  eval_.froc_arithmetic = 'official'
   eval_.montage_size = 8  # Crops shown in each montage (top false positives, missed nodules).
   eval_.crossval_folds = tuple(range(10))  # --mode=crossval: subsets held out, one fold each.
 

@@ -64,9 +64,11 @@ def froc_metrics(config, predictions: submission.Predictions, subsets, workdir, 
   with h5py.File(config.data.crops_file, 'r') as f:
     in_subsets = np.isin(f['subset'][:], subsets)
     scans = np.unique(np.char.decode(f['seriesuid'][:][in_subsets].astype('S'), 'ascii'))
-  result = froc.compute_froc(predictions, annotations, excluded, scans)
+  arithmetic = config.eval.froc_arithmetic
+  result = froc.compute_froc(predictions, annotations, excluded, scans, arithmetic=arithmetic)
   ci = froc.bootstrap_froc(predictions, annotations, excluded, scans,
-                           num_samples=config.eval.bootstrap_samples, seed=config.seed)
+                           num_samples=config.eval.bootstrap_samples, seed=config.seed,
+                           arithmetic=arithmetic)
   figure = plots.plot_froc(result, ci, os.path.join(workdir, 'froc.png'))
   writer.write_image(step, 'eval/froc', plots.figure_to_image(figure))
   metrics = {'cpm': result.cpm, 'cpm_low': ci.cpm_low, 'cpm_high': ci.cpm_high,
