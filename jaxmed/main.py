@@ -13,7 +13,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
+_DEFAULT_CONFIG = 'configs/default.py'
+_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: workdirs/<config.name>).')
 _MODE = flags.DEFINE_enum('mode', 'train',
                           ['train', 'eval', 'crossval', 'preprocess', 'synthesize'], 'What to do.')
@@ -30,7 +31,7 @@ class _LibraryInfoFilter(logging_std.Filter):
 
 def _config_path(argv) -> str:
   """The config file named on the command line (absl's --config=F, --config F; F:args)."""
-  path = _CONFIG.default
+  path = _DEFAULT_CONFIG
   for i, arg in enumerate(argv[1:], start=1):
     if arg.startswith('--config='):
       path = arg[len('--config='):]

@@ -215,6 +215,12 @@ def preprocess(config) -> dict:
         f'({skipped_missing} candidates of {len(missing)} scans lack their scan); add the scans '
         'or pass --config.data.strict=False to skip them')
 
+  # Every file of every scan to crop, before any work: a missing .raw is named, not met mid-run.
+  for scan in selected:
+    for path in (scan.mhd_path, scan.raw_path):
+      if scan.seriesuid in rows_by_uid and not os.path.isfile(path):
+        raise DataError(f'scan file {path} (data of {scan.mhd_path}) does not exist; restore '
+                        'it, or move the scan out of the subset folders')
   parts_dir = out_path + '.parts'
   os.makedirs(parts_dir, exist_ok=True)
   plans, pending, unmatched_positives, dropped = [], [], 0, 0
