@@ -14,7 +14,8 @@ from absl import logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = 'configs/default.py'
-_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file.')
+# No default here: absl would load it at import, before a mistake can become one line.
+_CONFIG = config_flags.DEFINE_config_file('config', None, f'Config file (default: {_DEFAULT_CONFIG}).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: workdirs/<config.name>).')
 _MODE = flags.DEFINE_enum('mode', 'train',
                           ['train', 'eval', 'crossval', 'preprocess', 'synthesize'], 'What to do.')
@@ -29,15 +30,15 @@ class _LibraryInfoFilter(logging_std.Filter):
     return record.levelno > logging_std.INFO or not any(n in record.pathname for n in self._NOISY)
 
 
-def _config_path(argv) -> str:
+def _config_path(argv) -> str | None:
   """The config file named on the command line (absl's --config=F, --config F; F:args)."""
-  path = _DEFAULT_CONFIG
+  path = None
   for i, arg in enumerate(argv[1:], start=1):
     if arg.startswith('--config='):
       path = arg[len('--config='):]
     elif arg == '--config' and i + 1 < len(argv):
       path = argv[i + 1]
-  return path if os.path.isfile(path) else path.split(':', 1)[0]
+  return path if path is None or os.path.isfile(path) else path.split(':', 1)[0]
 
 
 def _parse_flags(argv):
@@ -46,6 +47,9 @@ def _parse_flags(argv):
   from jaxmed.errors import ConfigError, exit_with_one_line
   with exit_with_one_line():
     path = _config_path(argv)
+    if path is None:
+      path = _DEFAULT_CONFIG
+      argv = [argv[0], f'--config={path}', *argv[1:]]
     if not os.path.isfile(path):
       raise ConfigError(f'config file {path} not found; pass --config=<file>.py, e.g. one of '
                         'configs/*.py, from the repository root')

@@ -289,3 +289,14 @@ def test_complete_output_is_refused_unless_overwrite(prepared, raw_dir, tmp_path
   config = make_config(raw_dir, path, overwrite=True, negatives_per_scan=2)
   summary = preprocess.preprocess(config)
   assert crops_file.check_crops_file(path) == summary['crops'] < prepared[2]['crops']
+
+
+def test_missing_raw_names_the_file_before_any_work(raw_dir, tmp_path):
+  copy = tmp_path / 'raw'
+  shutil.copytree(raw_dir, copy)
+  scan = sorted(luna16.find_scans(str(copy)).values(), key=lambda s: (s.subset, s.seriesuid))[2]
+  os.remove(scan.raw_path)
+  _one_line_error(make_config(copy, tmp_path / 'c.h5'), scan.raw_path, 'does not exist',
+                  scan.mhd_path)
+  assert not os.path.exists(tmp_path / 'c.h5')
+  assert not os.path.exists(tmp_path / 'c.h5.parts'), 'refused before any scan was cropped'
