@@ -26,6 +26,8 @@ from absl import logging
 from jaxmed import evaluate
 from jaxmed import reporting
 from jaxmed import train
+from jaxmed.data import crops_file
+from jaxmed.data import prepare
 from jaxmed.evaluation import froc
 from jaxmed.evaluation import submission
 
@@ -46,6 +48,9 @@ def fold_config(config: ml_collections.ConfigDict, fold: int) -> ml_collections.
 
 def run_crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   folds = tuple(config.eval.crossval_folds)
+  # Before any fold trains: the folds are scored on every candidate, so no capped file.
+  prepare.ensure_crops_file(config)
+  crops_file.check_uncapped(config.data.crops_file)
   parts = []
   for fold in folds:
     fold_dir = os.path.join(workdir, f'fold_{fold}')

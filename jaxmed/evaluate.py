@@ -24,7 +24,9 @@ from absl import logging
 from jaxmed import checkpointing
 from jaxmed import reporting
 from jaxmed import train
+from jaxmed.data import crops_file
 from jaxmed.data import prepare
+from jaxmed.errors import ConfigError
 from jaxmed.evaluation import froc
 from jaxmed.evaluation import plots
 from jaxmed.evaluation import submission
@@ -82,8 +84,14 @@ def froc_metrics(config, predictions: submission.Predictions, subsets, workdir, 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Restores the checkpoint onto the current mesh and evaluates config.data.test_subsets."""
   is_main = jax.process_index() == 0
+  if config.eval.froc_arithmetic not in froc.ARITHMETICS:
+    raise ConfigError(f'eval.froc_arithmetic is {config.eval.froc_arithmetic!r}, not one of '
+                      f'{froc.ARITHMETICS}; set --config.eval.froc_arithmetic')
   mesh, rules = train.create_mesh_and_rules(config)
   prepare.ensure_crops_file(config)
+  # LUNA16 scoring needs every candidate: a file built with a cap on negatives would
+  # undercount false positives per scan.
+  crops_file.check_uncapped(config.data.crops_file)
   batch_sharding = sharding_lib.batch_sharding(mesh, rules, ndim=1)
   subsets = tuple(config.data.test_subsets)
   with sharding_lib.use_rules(mesh, rules):
