@@ -29,6 +29,7 @@ from jaxmed import train
 from jaxmed.data import crops_file
 from jaxmed.data import prepare
 from jaxmed.evaluation import froc
+from jaxmed.errors import ConfigError
 from jaxmed.evaluation import submission
 
 NUM_SUBSETS = 10
@@ -48,6 +49,9 @@ def fold_config(config: ml_collections.ConfigDict, fold: int) -> ml_collections.
 
 def run_crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   folds = tuple(config.eval.crossval_folds)
+  if not folds or len(set(folds)) != len(folds) or not set(folds) <= set(range(NUM_SUBSETS)):
+    raise ConfigError(f'eval.crossval_folds is {folds}: need distinct subsets out of 0..'
+                      f'{NUM_SUBSETS - 1}, at least one; set --config.eval.crossval_folds')
   # Before any fold trains: the folds are scored on every candidate, so no capped file.
   prepare.ensure_crops_file(config)
   crops_file.check_uncapped(config.data.crops_file)

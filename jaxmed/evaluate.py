@@ -93,8 +93,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # LUNA16 scoring needs every candidate: a file built with a cap on negatives would
   # undercount false positives per scan.
   crops_file.check_uncapped(config.data.crops_file)
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules, ndim=1)
   subsets = tuple(config.data.test_subsets)
+  with h5py.File(config.data.crops_file, 'r') as f:
+    held = sorted(set(int(s) for s in np.unique(f['subset'][:])))
+  if not set(subsets) & set(held):
+    raise ConfigError(f'crops file {config.data.crops_file} holds no candidate of '
+                      f'data.test_subsets {list(subsets)}; set --config.data.test_subsets to '
+                      f'subsets it holds ({held})')
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules, ndim=1)
   with sharding_lib.use_rules(mesh, rules):
     checkpointer = checkpointing.Checkpointer(workdir, config)
     graphdef, abstract_state, shardings = train.abstract_train_state(config, mesh, rules)

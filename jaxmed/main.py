@@ -13,6 +13,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from jaxmed.errors import ConfigError, exit_with_one_line
+
 _DEFAULT_CONFIG = 'configs/default.py'
 # No default here: absl would load it at import, before a mistake can become one line.
 _CONFIG = config_flags.DEFINE_config_file('config', None, f'Config file (default: {_DEFAULT_CONFIG}).')
@@ -44,7 +46,6 @@ def _config_path(argv) -> str | None:
 def _parse_flags(argv):
   """absl's flag parsing, where a missing or broken config file, an unknown key or a bad value
   ends in one `jaxmed: error:` line instead of a traceback."""
-  from jaxmed.errors import ConfigError, exit_with_one_line
   with exit_with_one_line():
     path = _config_path(argv)
     if path is None:
@@ -83,13 +84,15 @@ def main(argv):
   config = _CONFIG.value
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   workdir = _WORKDIR.value or os.path.join('workdirs', config.name)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    with exit_with_one_line():
+      raise ConfigError(f'workdir {workdir} is a file, not a folder; pass another --workdir')
 
   # Before anything touches a JAX backend: compilation cache, device count, other processes.
   import jax
   if config.compilation_cache_dir and not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     jax.config.update('jax_compilation_cache_dir',
                       os.path.expanduser(config.compilation_cache_dir))
-  from jaxmed.errors import exit_with_one_line
   from jaxmed.parallel import distributed
   # Errors a user can fix end in one line naming the cause and the fix, not a traceback.
   with exit_with_one_line():

@@ -44,3 +44,11 @@ def test_default_config_missing_outside_the_repository(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       'jaxmed: error: config file configs/default.py not found; pass --config=<file>.py, e.g. '
       'one of configs/*.py, from the repository root')
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  (tmp_path / 'file').write_text('x')
+  proc = run_main(f'--workdir={tmp_path / "file"}', '--mode=eval')
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'jaxmed: error: workdir {tmp_path / "file"} is a file, not a folder; pass another --workdir')

@@ -106,3 +106,15 @@ def test_eval_and_crossval_refuse_a_file_built_with_a_cap_on_negatives(tiny_conf
     assert str(error.value) == message
   assert not os.path.exists(tmp_path / 'workdir' / 'predictions.csv')
   assert not os.path.exists(tmp_path / 'workdir' / 'fold_0')
+
+
+def test_eval_of_subsets_the_file_lacks_and_crossval_of_bad_folds_are_one_line(tiny_config,
+                                                                             tmp_path):
+  from jaxmed.errors import ConfigError
+  config = tiny_config(data__test_subsets=(42,))
+  with pytest.raises(ConfigError, match=r'holds no candidate of data.test_subsets \[42\]'):
+    evaluate.evaluate(config, str(tmp_path))
+  for folds in ((), (12,), (3, 3)):
+    with pytest.raises(ConfigError, match='need distinct subsets out of 0..9'):
+      crossval.run_crossval(tiny_config(eval__crossval_folds=folds), str(tmp_path))
+  assert os.listdir(tmp_path) == []

@@ -368,3 +368,17 @@ def test_old_schema_names_the_rebuild(prepared, tmp_path):
       f'crops file {path} has schema_version 1, expected 2 (an older jaxmed labelled it '
       'otherwise); rebuild it with: python -m jaxmed.main --mode=preprocess '
       '--config.data.overwrite=True')
+
+
+@pytest.mark.parametrize('setting, fragment', [
+    ({'spacing_mm': 0.0}, 'data.spacing_mm is 0.0, must be > 0 (mm)'),
+    ({'crops_file': '{tmp}'}, 'is a folder; set --config.data.crops_file'),
+    ({'crops_file': '{tmp}/file/crops.h5'}, 'cannot write next to crops file'),
+])
+def test_bad_output_settings_are_one_line(raw_dir, tmp_path, setting, fragment):
+  (tmp_path / 'file').write_text('x')
+  config = make_config(raw_dir, tmp_path / 'c.h5',
+                       **{k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+                          for k, v in setting.items()})
+  _one_line_error(config, fragment)
+  assert not os.path.exists(tmp_path / 'c.h5')

@@ -176,6 +176,8 @@ def _task_key(data, seed, scan, rows, centers, labels):
 # ---- the run --------------------------------------------------------------------------------
 
 def _check_existing_output(path: str, overwrite: bool) -> None:
+  if os.path.isdir(path):
+    raise DataError(f'crops file {path} is a folder; set --config.data.crops_file to a file path')
   if not os.path.exists(path) or overwrite:
     return
   try:
@@ -199,6 +201,9 @@ def preprocess(config) -> dict:
   if data.interpolator not in luna16.INTERPOLATORS:
     raise DataError(f'data.interpolator is {data.interpolator!r}, not one of '
                     f'{sorted(luna16.INTERPOLATORS)}; set --config.data.interpolator')
+  if not data.spacing_mm > 0:
+    raise DataError(f'data.spacing_mm is {data.spacing_mm}, must be > 0 (mm); set '
+                    '--config.data.spacing_mm')
   if not 0 < data.crop_size <= data.stored_crop_size:
     raise DataError(f'data.crop_size {data.crop_size} must be in 1..stored_crop_size '
                     f'({data.stored_crop_size}); fix --config.data.crop_size')
@@ -234,7 +239,11 @@ def preprocess(config) -> dict:
         raise DataError(f'scan file {path} (data of {scan.mhd_path}) does not exist; restore '
                         'it, or move the scan out of the subset folders')
   parts_dir = out_path + '.parts'
-  os.makedirs(parts_dir, exist_ok=True)
+  try:
+    os.makedirs(parts_dir, exist_ok=True)
+  except OSError as e:
+    raise DataError(f'cannot write next to crops file {out_path} ({parts_dir}: {e.strerror}); '
+                    'set --config.data.crops_file to a writable path') from None
   plans, pending, unmatched_positives, dropped = [], [], 0, 0
   no_candidates = 0
   for scan in selected:
