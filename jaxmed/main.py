@@ -17,7 +17,8 @@ from jaxmed.errors import ConfigError, exit_with_one_line
 
 _DEFAULT_CONFIG = 'configs/default.py'
 # No default here: absl would load it at import, before a mistake can become one line.
-_CONFIG = config_flags.DEFINE_config_file('config', None, f'Config file (default: {_DEFAULT_CONFIG}).')
+_CONFIG = config_flags.DEFINE_config_file('config', None,
+                                          f'Config file (default: {_DEFAULT_CONFIG}).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: workdirs/<config.name>).')
 _MODE = flags.DEFINE_enum('mode', 'train',
                           ['train', 'eval', 'crossval', 'preprocess', 'synthesize'], 'What to do.')
