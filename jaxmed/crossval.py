@@ -52,6 +52,7 @@ def run_crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
   if not folds or len(set(folds)) != len(folds) or not set(folds) <= set(range(NUM_SUBSETS)):
     raise ConfigError(f'eval.crossval_folds is {folds}: need distinct subsets out of 0..'
                       f'{NUM_SUBSETS - 1}, at least one; set --config.eval.crossval_folds')
+  evaluate.check_froc_arithmetic(config)
   # Before any fold trains: the folds are scored on every candidate, so no capped file.
   prepare.ensure_crops_file(config)
   crops_file.check_uncapped(config.data.crops_file)

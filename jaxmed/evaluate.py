@@ -82,12 +82,16 @@ def froc_metrics(config, predictions: submission.Predictions, subsets, workdir, 
   return metrics
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Restores the checkpoint onto the current mesh and evaluates config.data.test_subsets."""
-  is_main = jax.process_index() == 0
+def check_froc_arithmetic(config) -> None:
   if config.eval.froc_arithmetic not in froc.ARITHMETICS:
     raise ConfigError(f'eval.froc_arithmetic is {config.eval.froc_arithmetic!r}, not one of '
                       f'{froc.ARITHMETICS}; set --config.eval.froc_arithmetic')
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Restores the checkpoint onto the current mesh and evaluates config.data.test_subsets."""
+  is_main = jax.process_index() == 0
+  check_froc_arithmetic(config)
   mesh, rules = train.create_mesh_and_rules(config)
   prepare.ensure_crops_file(config)
   # LUNA16 scoring needs every candidate: a file built with a cap on negatives would

@@ -11,8 +11,8 @@ Definitions are those of the LUNA16 evaluation script (noduleCADEvaluationLUNA16
   all included nodules of the scans evaluated. CPM is the mean of the curve interpolated
   (np.interp) at 1/8 ... 8 FPs per scan.
 - arithmetic='official' (the default) computes the curve as the script does through sklearn's
-  roc_curve: points that continue a straight run of the curve are dropped, FPs per scan are
-  (fps / total_fps) * total_fps / scans and sensitivity (hits / total_hits) * total_hits /
+  roc_curve: a point evenly between its neighbours on a straight run is dropped, FPs per scan
+  are (fps / total_fps) * total_fps / scans and sensitivity (hits / total_hits) * total_hits /
   nodules in float64, so 2 FPs per scan can come out as 2.0000000000000004 and np.interp then
   reads the bottom of a vertical step. arithmetic='exact' keeps every point and divides the
   integer counts once: at a rate where rate x scans is a whole number it reads the top.
@@ -48,7 +48,8 @@ class FROCResult:
   """One FROC evaluation.
 
   fps_per_scan, sensitivity, thresholds: (K,) the curve, one point per distinct probability
-    (arithmetic='official': less the points inside a straight run, as roc_curve drops them),
+    (arithmetic='official': less those evenly between their neighbours on a straight run, as
+    roc_curve drops them),
     thresholds descending from +inf (the (0, 0) point); a point counts probabilities >= threshold.
   fp_rates: (7,) 1/8..8 FPs per scan; sensitivities: (7,) the curve interpolated there.
   cpm: mean of `sensitivities` (NaN when there are no nodules: sensitivity is undefined).
