@@ -95,9 +95,9 @@ def test_eval_and_crossval_refuse_a_file_built_with_a_cap_on_negatives(tiny_conf
   capped = tiny_config(data__crops_file=str(tmp_path / 'capped.h5'),
                        data__negatives_per_scan=2)
   preprocess.preprocess(capped)
-  message = (f'crops file {tmp_path / "capped.h5"} keeps at most 2 negatives per scan '
-             '(data.negatives_per_scan=2, for training only), so its FROC would undercount false '
-             'positives; build an uncapped one into another file (--mode=preprocess '
+  message = (f'crops file {tmp_path / "capped.h5"} was built with data.negatives_per_scan=2 '
+             '(a cap on negatives per scan, for training only), so its FROC would undercount '
+             'false positives; build an uncapped one into another file (--mode=preprocess '
              '--config.data.negatives_per_scan=-1 --config.data.crops_file=<new file>) or point '
              '--config.data.crops_file at one')
   for run in (evaluate.evaluate, crossval.run_crossval):

@@ -111,7 +111,7 @@ def check_uncapped(path: str | os.PathLike) -> None:
   cap = negatives_cap(path)
   if cap >= 0:
     raise CropsFileError(
-        f'crops file {path} keeps at most {cap} negatives per scan (data.negatives_per_scan='
-        f'{cap}, for training only), so its FROC would undercount false positives; build an '
+        f'crops file {path} was built with data.negatives_per_scan={cap} (a cap on negatives '
+        'per scan, for training only), so its FROC would undercount false positives; build an '
         'uncapped one into another file (--mode=preprocess --config.data.negatives_per_scan=-1 '
         '--config.data.crops_file=<new file>) or point --config.data.crops_file at one')
