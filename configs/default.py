@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.candidates_csv = 'candidates_V2.csv'  # Relative to raw_dir unless absolute.
   data.annotations_csv = 'annotations.csv'  # Relative to raw_dir unless absolute.
   data.annotations_excluded_csv = ''  # LUNA16's annotations_excluded.csv for FROC; '' = none.
-  data.crops_file = 'data/preprocessed/synthetic_crops.h5'  # The HDF5 crops file (schema v1).
+  data.crops_file = 'data/preprocessed/synthetic_crops.h5'  # The HDF5 crops file (schema v2).
   data.auto_prepare = True  # train/eval: synthesize + preprocess the default dataset if missing.
   data.overwrite = False  # preprocess/synthesize: replace a complete output instead of stopping.
   data.strict = False  # preprocess: a candidate whose scan is missing is an error, not a skip.
@@ -34,8 +34,13 @@ def get_config() -> ml_collections.ConfigDict:
   data.interpolator = 'linear'  # Resampling: 'linear' or 'bspline'.
   data.stored_crop_size = 24  # Edge of the cube stored per candidate, voxels (crop + margin).
   data.crop_size = 16  # Edge of the cube the model sees, voxels (<= stored_crop_size).
-  data.negatives_per_scan = -1  # Negatives kept per scan: -1 = all, else a deterministic cap.
-  data.exclude_radius_mm = 0.0  # Negatives closer than this to a nodule centre: 0 = half a crop.
+  # Negatives kept per scan: -1 = all, else a deterministic cap (a training-only file:
+  # --mode=eval and crossval refuse it, as its FROC would undercount false positives).
+  data.negatives_per_scan = -1
+  # Negatives within max(exclude_radius_mm, exclude_radius_factor x the nodule's radius) of a
+  # nodule centre are left out of training, validation and the test AUC (never of the FROC).
+  data.exclude_radius_mm = 0.0  # Distance, mm; 0 = half a stored crop.
+  data.exclude_radius_factor = 1.0  # 1: no negative inside a nodule (LUNA16 counts it a hit).
   data.preprocess_workers = 2  # Worker processes for preprocessing, one scan each (0 = in-process).
   data.train_subsets = (0, 1, 2, 3, 4, 5, 6, 7)  # LUNA subsets used for training.
   data.val_subsets = (8,)  # Subsets for periodic validation during training.
@@ -128,6 +133,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- evaluation (--mode=eval) -----------------------------------------------------------
   config.eval = eval_ = ml_collections.ConfigDict()
   eval_.bootstrap_samples = 1000  # Bootstrap resamples over scans for the CPM 95% interval.
+  # FROC arithmetic: 'official' (the LUNA16 script's numbers to the last bit, FPs per scan as
+  # fpr * FPs / scans in floating point) or 'exact' (integer FP count / scans).
+  eval_.froc_arithmetic = 'official'
   eval_.montage_size = 8  # Crops shown in each montage (top false positives, missed nodules).
   eval_.crossval_folds = tuple(range(10))  # --mode=crossval: subsets held out, one fold each.
 

@@ -26,7 +26,10 @@ from absl import logging
 from jaxmed import evaluate
 from jaxmed import reporting
 from jaxmed import train
+from jaxmed.data import crops_file
+from jaxmed.data import prepare
 from jaxmed.evaluation import froc
+from jaxmed.errors import ConfigError
 from jaxmed.evaluation import submission
 
 NUM_SUBSETS = 10
@@ -46,6 +49,13 @@ def fold_config(config: ml_collections.ConfigDict, fold: int) -> ml_collections.
 
 def run_crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   folds = tuple(config.eval.crossval_folds)
+  if not folds or len(set(folds)) != len(folds) or not set(folds) <= set(range(NUM_SUBSETS)):
+    raise ConfigError(f'eval.crossval_folds is {folds}: need distinct subsets out of 0..'
+                      f'{NUM_SUBSETS - 1}, at least one; set --config.eval.crossval_folds')
+  evaluate.check_froc_arithmetic(config)
+  # Before any fold trains: the folds are scored on every candidate, so no capped file.
+  prepare.ensure_crops_file(config)
+  crops_file.check_uncapped(config.data.crops_file)
   parts = []
   for fold in folds:
     fold_dir = os.path.join(workdir, f'fold_{fold}')

@@ -2,7 +2,8 @@
 
 Writes into the workdir:
   predictions.csv           LUNA16 submission: seriesuid,coordX,coordY,coordZ,probability
-  metrics.jsonl             one 'test' record: loss, auc, accuracy, cpm (+ 95% CI), sensitivities
+  metrics.jsonl             one 'test' record: cpm (+ 95% CI), sensitivities over every candidate;
+                            loss, auc, accuracy over auc_population (as validation's)
   froc.png, roc.png         curves (FROC with the 7 CPM points and the bootstrap band)
   false_positives.png       top-scoring negatives (axial, coronal, sagittal centre slices)
   missed_nodules.png        lowest-scoring positives
@@ -24,7 +25,9 @@ from absl import logging
 from jaxmed import checkpointing
 from jaxmed import reporting
 from jaxmed import train
+from jaxmed.data import crops_file
 from jaxmed.data import prepare
+from jaxmed.errors import ConfigError
 from jaxmed.evaluation import froc
 from jaxmed.evaluation import plots
 from jaxmed.evaluation import submission
@@ -36,7 +39,7 @@ def _raw_path(config, name: str) -> str:
 
 
 def candidate_table(crops_path: str, rows: np.ndarray) -> dict[str, np.ndarray]:
-  """seriesuid (str), center_world (N, 3) x,y,z mm and subset of the given file rows."""
+  """seriesuid (str), center_world (N, 3) x,y,z mm, subset and exclude of the given file rows."""
   with h5py.File(crops_path, 'r') as f:
     order = np.argsort(rows)
     sorted_rows = rows[order]
@@ -45,7 +48,7 @@ def candidate_table(crops_path: str, rows: np.ndarray) -> dict[str, np.ndarray]:
     take = lambda name: f[name][sorted_rows][inverse] if len(rows) else f[name][:0]
     return {'seriesuid': np.char.decode(take('seriesuid').astype('S'), 'ascii'),
             'center_world': take('center_world').astype(np.float64),
-            'subset': take('subset')}
+            'subset': take('subset'), 'exclude': take('exclude')}
 
 
 def _read_crops(crops_path: str, rows: np.ndarray) -> np.ndarray:
@@ -64,9 +67,11 @@ def froc_metrics(config, predictions: submission.Predictions, subsets, workdir, 
   with h5py.File(config.data.crops_file, 'r') as f:
     in_subsets = np.isin(f['subset'][:], subsets)
     scans = np.unique(np.char.decode(f['seriesuid'][:][in_subsets].astype('S'), 'ascii'))
-  result = froc.compute_froc(predictions, annotations, excluded, scans)
+  arithmetic = config.eval.froc_arithmetic
+  result = froc.compute_froc(predictions, annotations, excluded, scans, arithmetic=arithmetic)
   ci = froc.bootstrap_froc(predictions, annotations, excluded, scans,
-                           num_samples=config.eval.bootstrap_samples, seed=config.seed)
+                           num_samples=config.eval.bootstrap_samples, seed=config.seed,
+                           arithmetic=arithmetic)
   figure = plots.plot_froc(result, ci, os.path.join(workdir, 'froc.png'))
   writer.write_image(step, 'eval/froc', plots.figure_to_image(figure))
   metrics = {'cpm': result.cpm, 'cpm_low': ci.cpm_low, 'cpm_high': ci.cpm_high,
@@ -77,13 +82,29 @@ def froc_metrics(config, predictions: submission.Predictions, subsets, workdir, 
   return metrics
 
 
+def check_froc_arithmetic(config) -> None:
+  if config.eval.froc_arithmetic not in froc.ARITHMETICS:
+    raise ConfigError(f'eval.froc_arithmetic is {config.eval.froc_arithmetic!r}, not one of '
+                      f'{froc.ARITHMETICS}; set --config.eval.froc_arithmetic')
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Restores the checkpoint onto the current mesh and evaluates config.data.test_subsets."""
   is_main = jax.process_index() == 0
+  check_froc_arithmetic(config)
   mesh, rules = train.create_mesh_and_rules(config)
   prepare.ensure_crops_file(config)
-  batch_sharding = sharding_lib.batch_sharding(mesh, rules, ndim=1)
+  # LUNA16 scoring needs every candidate: a file built with a cap on negatives would
+  # undercount false positives per scan.
+  crops_file.check_uncapped(config.data.crops_file)
   subsets = tuple(config.data.test_subsets)
+  with h5py.File(config.data.crops_file, 'r') as f:
+    held = sorted(set(int(s) for s in np.unique(f['subset'][:])))
+  if not set(subsets) & set(held):
+    raise ConfigError(f'crops file {config.data.crops_file} holds no candidate of '
+                      f'data.test_subsets {list(subsets)}; set --config.data.test_subsets to '
+                      f'subsets it holds ({held})')
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules, ndim=1)
   with sharding_lib.use_rules(mesh, rules):
     checkpointer = checkpointing.Checkpointer(workdir, config)
     graphdef, abstract_state, shardings = train.abstract_train_state(config, mesh, rules)
@@ -94,12 +115,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_step_fn = train.make_eval_step(graphdef, shardings, mesh, config)
     scores = train.predict(eval_step_fn, state, config, subsets, batch_sharding)
 
-  metrics = train.classification_metrics(scores['label'], scores['probability'])
+  # Every candidate goes to the FROC; loss, AUC and accuracy leave excluded negatives out, as
+  # validation does, so the two AUCs are over the same population.
+  table = candidate_table(config.data.crops_file, scores['row'])
+  population = {k: v[~table['exclude']] for k, v in scores.items()}
+  metrics = {**train.classification_metrics(population['label'], population['probability']),
+             'auc_population': train.AUC_POPULATION, 'candidates': int(len(scores['row']))}
   if not is_main:
     return metrics
   writer = reporting.MetricWriter(workdir)
   try:
-    table = candidate_table(config.data.crops_file, scores['row'])
     csv_path = submission.write_predictions_csv(
         os.path.join(workdir, 'predictions.csv'), table['seriesuid'], table['center_world'],
         scores['probability'])
@@ -107,14 +132,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     predictions = submission.Predictions(table['seriesuid'], table['center_world'],
                                    scores['probability'])
     metrics.update(froc_metrics(config, predictions, subsets, workdir, step, writer))
-    _plots(config, scores, workdir, step, writer)
+    _plots(config, population, workdir, step, writer)
     writer.write(step, 'test', metrics)
   finally:
     writer.close()
-  logging.info('test subsets %s at step %d: CPM %.3f (95%% CI %.3f-%.3f), AUC %.4f, '
-               'accuracy %.4f over %d candidates', subsets, step, metrics['cpm'],
-               metrics['cpm_low'], metrics['cpm_high'], metrics['auc'], metrics['accuracy'],
-               metrics['examples'])
+  logging.info('test subsets %s at step %d: CPM %.3f (95%% CI %.3f-%.3f) over %d candidates; '
+               'AUC %.4f, accuracy %.4f over %d (%s)', subsets, step, metrics['cpm'],
+               metrics['cpm_low'], metrics['cpm_high'], metrics['candidates'], metrics['auc'],
+               metrics['accuracy'], metrics['examples'], metrics['auc_population'])
   return metrics
 
 

@@ -328,7 +328,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                        batch_sharding)
           writer.write(step, 'val', val_metrics)
           logging.info('validation at step %d: %s', step,
-                       ' '.join(f'{k} {v:.4g}' for k, v in val_metrics.items()))
+                       ' '.join(f'{k} {v:.4g}' for k, v in val_metrics.items()
+                                if not isinstance(v, str)))
           progress.start(step)  # Evaluation time is not training time.
 
         if step % config.checkpoint.every_steps == 0 or step == config.train.steps:
@@ -363,10 +364,15 @@ def logical_rules(config) -> tuple[tuple[str, Any], ...]:
                for name, axes in config.mesh.logical_rules)
 
 
-def evaluate_split(eval_fn, state, config, subsets, batch_sharding) -> dict[str, float]:
+# Validation and test (--mode=eval) report loss, AUC and accuracy over this population.
+AUC_POPULATION = 'excluded negatives left out'
+
+
+def evaluate_split(eval_fn, state, config, subsets, batch_sharding) -> dict[str, Any]:
   """Validation: loss, AUC and accuracy over `subsets`, excluded negatives left out."""
   scores = predict(eval_fn, state, config, subsets, batch_sharding, skip_excluded=True)
-  return classification_metrics(scores['label'], scores['probability'])
+  return {**classification_metrics(scores['label'], scores['probability']),
+          'auc_population': AUC_POPULATION}
 
 
 def _memory_summary(compiled) -> str:

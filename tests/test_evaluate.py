@@ -46,7 +46,13 @@ def test_eval_scores_every_test_candidate_and_writes_froc_metrics_and_plots(trai
   test = [r for r in records if r['split'] == 'test']
   assert len(test) == 1 and test[0]['step'] == 4
   assert 0.0 <= test[0]['cpm_low'] <= test[0]['cpm'] <= test[0]['cpm_high'] <= 1.0
-  assert metrics['examples'] == len(rows)
+  # The FROC scores every candidate; loss, AUC and accuracy leave excluded negatives out, as
+  # validation does, and both records say so.
+  with h5py.File(config.data.crops_file, 'r') as f:
+    excluded = int(f['exclude'][:][in_test].sum())
+  assert metrics['candidates'] == len(rows) and metrics['examples'] == len(rows) - excluded
+  val = [r for r in records if r['split'] == 'val']
+  assert val and {r['auc_population'] for r in val + test} == {'excluded negatives left out'}
   for name in PLOTS:
     assert os.path.getsize(os.path.join(workdir, name)) > 5_000, name
 
@@ -81,3 +87,34 @@ def test_crossval_merges_the_folds_into_one_froc(tiny_config, tmp_path):
   records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert [r['split'] for r in records] == ['crossval']
   assert (tmp_path / 'froc.png').exists()
+
+
+def test_eval_and_crossval_refuse_a_file_built_with_a_cap_on_negatives(tiny_config, tmp_path):
+  from jaxmed.data import crops_file
+  from jaxmed.data import preprocess
+  capped = tiny_config(data__crops_file=str(tmp_path / 'capped.h5'),
+                       data__negatives_per_scan=2)
+  preprocess.preprocess(capped)
+  message = (f'crops file {tmp_path / "capped.h5"} was built with data.negatives_per_scan=2 '
+             '(a cap on negatives per scan, for training only), so its FROC would undercount '
+             'false positives; build an uncapped one into another file (--mode=preprocess '
+             '--config.data.negatives_per_scan=-1 --config.data.crops_file=<new file>) or point '
+             '--config.data.crops_file at one')
+  for run in (evaluate.evaluate, crossval.run_crossval):
+    with pytest.raises(crops_file.CropsFileError) as error:
+      run(capped, str(tmp_path / 'workdir'))
+    assert str(error.value) == message
+  assert not os.path.exists(tmp_path / 'workdir' / 'predictions.csv')
+  assert not os.path.exists(tmp_path / 'workdir' / 'fold_0')
+
+
+def test_eval_of_subsets_the_file_lacks_and_crossval_of_bad_folds_are_one_line(tiny_config,
+                                                                             tmp_path):
+  from jaxmed.errors import ConfigError
+  config = tiny_config(data__test_subsets=(42,))
+  with pytest.raises(ConfigError, match=r'holds no candidate of data.test_subsets \[42\]'):
+    evaluate.evaluate(config, str(tmp_path))
+  for folds in ((), (12,), (3, 3)):
+    with pytest.raises(ConfigError, match='need distinct subsets out of 0..9'):
+      crossval.run_crossval(tiny_config(eval__crossval_folds=folds), str(tmp_path))
+  assert os.listdir(tmp_path) == []

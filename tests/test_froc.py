@@ -53,11 +53,16 @@ def test_hand_worked_case_gives_exact_sensitivities():
   #   (0.25, 0) (0.25, .25) (0.5, .25) (0.5, .5) (0.75, .5) (1, .5) (1, .75) (1.25, .75)
   # 1/8: between (0, 0) and (0.25, 0) -> 0.
   # 1/4, 1/2, 1: the rate falls on a vertical step; every hit before the next FP counts, so the
-  #   top of the step: 0.25, 0.5, 0.75.
+  #   top of the step: 0.25, 0.5, 0.75 (exact arithmetic).
   # 2, 4, 8: past the curve's end (1.25, 0.75) -> flat at 0.75 (d1 is never found).
-  # CPM = (0 + 0.25 + 0.5 + 0.75 * 4) / 7 = 3.75 / 7.
+  # CPM = (0 + 0.25 + 0.5 + 0.75 * 4) / 7 = 3.75 / 7. The official arithmetic gives the same
+  # (1/5 * 5 / 4 is exactly 0.25) and drops the point (0.75, .5) inside a straight run.
+  official = compute_froc(predictions(HAND_CANDIDATES), annotations(HAND_NODULES),
+                          seriesuids=['A', 'B', 'C', 'D'])
+  np.testing.assert_allclose(official.sensitivities, [0, 0.25, 0.5, 0.75, 0.75, 0.75, 0.75])
+  np.testing.assert_allclose(official.fps_per_scan, [0, .25, .25, .5, .5, 1, 1, 1.25])
   result = compute_froc(predictions(HAND_CANDIDATES), annotations(HAND_NODULES),
-                        seriesuids=['A', 'B', 'C', 'D'])
+                        seriesuids=['A', 'B', 'C', 'D'], arithmetic='exact')
   np.testing.assert_allclose(result.sensitivities, [0, 0.25, 0.5, 0.75, 0.75, 0.75, 0.75])
   assert result.cpm == pytest.approx(3.75 / 7)
   np.testing.assert_allclose(result.fp_rates, FP_RATES)

@@ -1,4 +1,4 @@
-"""The input pipeline (crops source, training order, Grain loader) over a small schema-v1 crops
+"""The input pipeline (crops source, training order, Grain loader) over a small schema-v2 crops
 file whose truth is known.
 
 Crop i is filled with the value i, so every test can tell which file row landed where.
@@ -38,7 +38,8 @@ EXCLUDE = (LABEL == 0) & (ROWS % 3 == 1)
 
 
 def write_crops_file(path, **layout):
-  """Schema v1; crops chunked one per crop unless `layout` (h5py create_dataset kwargs) says."""
+  """The current schema; crops chunked one per crop unless `layout` (h5py create_dataset kwargs)
+  says."""
   layout = layout or dict(chunks=(1, STORED, STORED, STORED))
   with h5py.File(path, 'w') as f:
     f.create_dataset('crops', data=np.broadcast_to(
@@ -49,8 +50,8 @@ def write_crops_file(path, **layout):
     f['center_world'] = np.zeros((NUM_CROPS, 3))
     f['diameter_mm'] = np.where(LABEL == 1, 6.0, 0.0).astype(np.float32)
     f['exclude'] = EXCLUDE
-    f.attrs.update(schema_version=1, spacing_mm=1.0, crop_shape=(STORED,) * 3, sources='{}',
-                   config='{}')
+    f.attrs.update(schema_version=crops_file.SCHEMA_VERSION, spacing_mm=1.0,
+                   crop_shape=(STORED,) * 3, sources='{}', config='{}')
 
 
 @pytest.fixture(scope='module')
@@ -140,7 +141,7 @@ def test_source_reads_the_same_crops_from_any_hdf5_layout(config, tmp_path):
   np.testing.assert_array_equal(expected[:, 1, 2, 3], rows)
 
 
-def test_source_rejects_a_file_that_is_not_schema_v1(tmp_path):
+def test_source_rejects_a_file_that_is_not_of_the_current_schema(tmp_path):
   path = tmp_path / 'old.h5'
   with h5py.File(path, 'w') as f:
     f['input'] = np.zeros((2, 4, 4, 4), np.float32)

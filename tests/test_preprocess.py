@@ -160,14 +160,14 @@ def test_positive_crops_are_centred_on_their_nodule(prepared, raw_dir):
 
 # ---- the file -------------------------------------------------------------------------------
 
-def test_crops_file_follows_schema_v1(prepared, raw_dir):
+def test_crops_file_follows_schema_v2(prepared, raw_dir):
   config, path, summary = prepared
   size = config.data.stored_crop_size
   assert crops_file.check_crops_file(path) == summary['crops'] > 0
   with h5py.File(path, 'r') as f:
     assert f['crops'].chunks == (1, size, size, size)
     assert f['crops'].dtype == np.int16 and f['seriesuid'].dtype.kind == 'S'
-    assert f.attrs['schema_version'] == 1 and f.attrs['spacing_mm'] == config.data.spacing_mm
+    assert f.attrs['schema_version'] == 2 and f.attrs['spacing_mm'] == config.data.spacing_mm
     assert tuple(f.attrs['crop_shape']) == (size, size, size)
     assert json.loads(f.attrs['config']) == json.loads(config.to_json())
     sources = json.loads(f.attrs['sources'])
@@ -289,3 +289,96 @@ def test_complete_output_is_refused_unless_overwrite(prepared, raw_dir, tmp_path
   config = make_config(raw_dir, path, overwrite=True, negatives_per_scan=2)
   summary = preprocess.preprocess(config)
   assert crops_file.check_crops_file(path) == summary['crops'] < prepared[2]['crops']
+
+
+def test_missing_raw_names_the_file_before_any_work(raw_dir, tmp_path):
+  copy = tmp_path / 'raw'
+  shutil.copytree(raw_dir, copy)
+  scan = sorted(luna16.find_scans(str(copy)).values(), key=lambda s: (s.subset, s.seriesuid))[2]
+  os.remove(scan.raw_path)
+  _one_line_error(make_config(copy, tmp_path / 'c.h5'), scan.raw_path, 'does not exist',
+                  scan.mhd_path)
+  assert not os.path.exists(tmp_path / 'c.h5')
+  assert not os.path.exists(tmp_path / 'c.h5.parts'), 'refused before any scan was cropped'
+
+
+# ---- labels as LUNA16 defines them ------------------------------------------------------------
+
+def _with_rows(src, path, rows):
+  with open(src, newline='') as f:
+    lines = list(csv.reader(f))
+  with open(path, 'w', newline='') as f:
+    csv.writer(f).writerows(lines + [list(map(str, row)) for row in rows])
+  return str(path)
+
+
+def test_exclusion_grows_with_the_nodule_and_unknown_diameters_are_counted(raw_dir, tmp_path):
+  # A 40 mm nodule far from the synthetic ones; a negative 15 mm from its centre is inside it,
+  # beyond half a stored crop (12 mm). A positive 30 mm from it lies inside no annotation.
+  uid = sorted(luna16.find_scans(str(raw_dir)))[0]
+  centre = np.array([400.0, 400.0, 400.0])
+  annotations = _with_rows(raw_dir / 'annotations.csv', tmp_path / 'annotations.csv',
+                           [(uid, *centre, 40.0)])
+  candidates = _with_rows(raw_dir / 'candidates_V2.csv', tmp_path / 'candidates.csv',
+                          [(uid, *(centre + [15.0, 0, 0]), 0), (uid, *(centre + [0, 21.0, 0]), 0),
+                           (uid, *(centre + [0, 0, 30.0]), 1)])
+  rows = {}
+  for factor in (1.0, 0.0):
+    config = make_config(raw_dir, tmp_path / f'c{factor}.h5', annotations_csv=annotations,
+                         candidates_csv=candidates, exclude_radius_factor=factor)
+    summary = preprocess.preprocess(config)
+    data, _ = _read(config.data.crops_file)
+    near = np.linalg.norm(data['center_world'] - centre, axis=1) < 100
+    rows[factor] = {k: v[near] for k, v in data.items()}
+    assert summary['positives_without_annotation'] == 1
+  inside, outside, far_positive = range(3)
+  np.testing.assert_array_equal(rows[1.0]['exclude'], [True, False, False])  # 15 < 20 mm
+  np.testing.assert_array_equal(rows[0.0]['exclude'], [False, False, False])  # half a crop: 12
+  np.testing.assert_array_equal(rows[1.0]['diameter_mm'], [0, 0, -1])
+  # The synthetic positives lie inside their own nodule: every one has its diameter.
+  data, _ = _read(tmp_path / 'c1.0.h5')
+  known = (data['label'] == 1) & (np.linalg.norm(data['center_world'] - centre, axis=1) > 100)
+  assert np.all(data['diameter_mm'][known] > 0)
+
+
+def test_configured_distance_wins_over_a_small_nodule(raw_dir, tmp_path):
+  uid = sorted(luna16.find_scans(str(raw_dir)))[0]
+  centre = np.array([400.0, 400.0, 400.0])
+  annotations = _with_rows(raw_dir / 'annotations.csv', tmp_path / 'annotations.csv',
+                           [(uid, *centre, 4.0)])
+  candidates = _with_rows(raw_dir / 'candidates_V2.csv', tmp_path / 'candidates.csv',
+                          [(uid, *(centre + [0, 0, 7.0]), 0), (uid, *(centre + [0, 0, 1.0]), 1)])
+  config = make_config(raw_dir, tmp_path / 'c.h5', annotations_csv=annotations,
+                       candidates_csv=candidates, exclude_radius_mm=8.0)
+  preprocess.preprocess(config)
+  data, _ = _read(config.data.crops_file)
+  near = np.linalg.norm(data['center_world'] - centre, axis=1) < 100
+  np.testing.assert_array_equal(data['exclude'][near], [True, False])  # 7 < max(8, 2) mm
+  np.testing.assert_array_equal(data['diameter_mm'][near], [0, 4.0])
+
+
+def test_old_schema_names_the_rebuild(prepared, tmp_path):
+  path = tmp_path / 'old.h5'
+  shutil.copy(prepared[1], path)
+  with h5py.File(path, 'r+') as f:
+    f.attrs['schema_version'] = 1
+  with pytest.raises(crops_file.CropsFileError) as error:
+    crops_file.check_crops_file(path)
+  assert str(error.value) == (
+      f'crops file {path} has schema_version 1, expected 2 (an older jaxmed labelled it '
+      'otherwise); rebuild it with: python -m jaxmed.main --mode=preprocess '
+      '--config.data.overwrite=True')
+
+
+@pytest.mark.parametrize('setting, fragment', [
+    ({'spacing_mm': 0.0}, 'data.spacing_mm is 0.0, must be > 0 (mm)'),
+    ({'crops_file': '{tmp}'}, 'is a folder; set --config.data.crops_file'),
+    ({'crops_file': '{tmp}/file/crops.h5'}, 'cannot write next to crops file'),
+])
+def test_bad_output_settings_are_one_line(raw_dir, tmp_path, setting, fragment):
+  (tmp_path / 'file').write_text('x')
+  config = make_config(raw_dir, tmp_path / 'c.h5',
+                       **{k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+                          for k, v in setting.items()})
+  _one_line_error(config, fragment)
+  assert not os.path.exists(tmp_path / 'c.h5')

@@ -3,6 +3,7 @@
 import filecmp
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -131,3 +132,32 @@ def test_never_writes_into_a_dataset_it_did_not_make(tmp_path):
   message = str(error.value)
   assert '\n' not in message and 'not written by synthesize' in message and str(raw) in message
   assert (raw / 'subset0' / 'real.mhd').exists()
+
+
+@pytest.mark.parametrize('key, value, fragment', [
+    ('nodules_per_scan', (3, 1), 'synthetic.nodules_per_scan is (3, 1), not a range'),
+    ('nodule_diameter_mm', (0.0, 5.0), 'synthetic.nodule_diameter_mm is (0.0, 5.0), not a range'),
+    ('shape_xyz', (4, 4, 4), 'synthetic.shape_xyz is (4, 4, 4): need 3 sizes'),
+    ('negatives_per_scan', -2, 'synthetic.negatives_per_scan is -2, must be >= 0'),
+    ('num_scans', 0, 'synthetic.num_scans and synthetic.num_subsets must be > 0'),
+])
+def test_bad_settings_are_one_line_and_keep_the_dataset_there(raw_dir, tmp_path, key, value,
+                                                              fragment):
+  copy = tmp_path / 'raw'
+  shutil.copytree(raw_dir, copy)
+  before = _files(copy)
+  config = small_config(copy)
+  config.data.overwrite = True  # Even then, nothing is removed before the settings are checked.
+  config.data.synthetic[key] = value
+  with pytest.raises(luna16.DataError) as error:
+    synthetic.synthesize(config)
+  assert fragment in str(error.value) and '\n' not in str(error.value)
+  assert _files(copy) == before
+
+
+def test_raw_dir_that_is_a_file_or_cannot_be_made(tmp_path):
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(luna16.DataError, match='is a file, not a folder'):
+    synthetic.synthesize(small_config(tmp_path / 'file'))
+  with pytest.raises(luna16.DataError, match='cannot be created'):
+    synthetic.synthesize(small_config(tmp_path / 'file' / 'raw'))

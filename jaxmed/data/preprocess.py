@@ -34,6 +34,8 @@ from jaxmed.data import luna16
 from jaxmed.data.luna16 import DataError
 from jaxmed.reporting import format_seconds
 
+# LUNA16's evaluation reads an annotation's negative diameter as 10 mm.
+UNKNOWN_DIAMETER_MM = 10.0
 PART_VERSION = 1  # Bump when what a part holds changes: old parts are then recomputed.
 # Test hook: SIGKILL this process after this many scans are newly finished (simulates a crash).
 CRASH_AFTER_ENV = 'JAXMED_PREPROCESS_CRASH_AFTER_SCANS'
@@ -106,7 +108,10 @@ def _load_part(path: str, key: str):
 # ---- planning: which candidates, which rows -------------------------------------------------
 
 def _scan_rows(candidates, annotations, uid_rows, scan, data, seed):
-  """Rows of one scan (CSV order): indices, labels, diameters, exclude flags, negatives dropped."""
+  """Rows of one scan (CSV order): indices, labels, diameters, exclude flags, negatives dropped.
+
+  Also the number of positives inside no annotation's sphere (their diameter_mm is -1).
+  """
   rows = np.asarray(uid_rows, np.int64)
   labels = (candidates['class'][rows] != 0).astype(np.uint8)
   if data.negatives_per_scan >= 0:
@@ -122,17 +127,24 @@ def _scan_rows(candidates, annotations, uid_rows, scan, data, seed):
   centers = np.stack([candidates['coordX'][rows], candidates['coordY'][rows],
                       candidates['coordZ'][rows]], axis=1)
   nodules, diameters = annotations.get(scan.seriesuid, (np.zeros((0, 3)), np.zeros(0)))
-  diameter = np.zeros(len(rows), np.float32)
-  exclude = np.zeros(len(rows), bool)
-  unmatched = 0
+  # As LUNA16's evaluation: a nodule's sphere has its annotated diameter (10 mm if negative), and
+  # a candidate is inside when its squared distance is strictly below the squared radius.
+  radius = np.where(diameters < 0, UNKNOWN_DIAMETER_MM, diameters) / 2.0  # (M,) mm
+  dist2 = np.sum((centers[:, None, :] - nodules[None, :, :]) ** 2, axis=-1)  # (K, M) mm^2
+  inside = dist2 < radius[None, :] ** 2
+  # A positive takes the diameter of the nearest annotation whose sphere holds it; none: -1.
+  matched = np.full(len(rows), -1.0)
   if len(nodules):
-    dist = np.linalg.norm(centers[:, None, :] - nodules[None, :, :], axis=-1)  # (K, nodules)
-    nearest = np.argmin(dist, axis=1)
-    diameter = np.where(labels == 1, diameters[nearest], 0).astype(np.float32)
-    radius = data.exclude_radius_mm or data.stored_crop_size * data.spacing_mm / 2
-    exclude = (labels == 0) & (dist.min(axis=1) < radius)
-  else:
-    unmatched = int(labels.sum())
+    nearest = np.argmin(np.where(inside, dist2, np.inf), axis=1)
+    matched = np.where(inside.any(axis=1), diameters[nearest], -1.0)
+  matched = np.maximum(matched, -1.0)  # An annotation's own negative diameter is unknown too.
+  diameter = np.where(labels == 1, matched, 0.0).astype(np.float32)
+  unmatched = int(((labels == 1) & (matched < 0)).sum())
+  # A negative near a nodule is no negative: within the configured distance (0: half a stored
+  # crop) or the factor x that nodule's own radius, whichever is larger.
+  distance = data.exclude_radius_mm or data.stored_crop_size * data.spacing_mm / 2
+  reach = np.maximum(distance, data.exclude_radius_factor * radius)  # (M,) mm
+  exclude = (labels == 0) & (dist2 < reach[None, :] ** 2).any(axis=1)
   return rows, labels, centers, diameter, exclude, unmatched
 
 
@@ -164,6 +176,8 @@ def _task_key(data, seed, scan, rows, centers, labels):
 # ---- the run --------------------------------------------------------------------------------
 
 def _check_existing_output(path: str, overwrite: bool) -> None:
+  if os.path.isdir(path):
+    raise DataError(f'crops file {path} is a folder; set --config.data.crops_file to a file path')
   if not os.path.exists(path) or overwrite:
     return
   try:
@@ -187,6 +201,9 @@ def preprocess(config) -> dict:
   if data.interpolator not in luna16.INTERPOLATORS:
     raise DataError(f'data.interpolator is {data.interpolator!r}, not one of '
                     f'{sorted(luna16.INTERPOLATORS)}; set --config.data.interpolator')
+  if not data.spacing_mm > 0:
+    raise DataError(f'data.spacing_mm is {data.spacing_mm}, must be > 0 (mm); set '
+                    '--config.data.spacing_mm')
   if not 0 < data.crop_size <= data.stored_crop_size:
     raise DataError(f'data.crop_size {data.crop_size} must be in 1..stored_crop_size '
                     f'({data.stored_crop_size}); fix --config.data.crop_size')
@@ -215,8 +232,18 @@ def preprocess(config) -> dict:
         f'({skipped_missing} candidates of {len(missing)} scans lack their scan); add the scans '
         'or pass --config.data.strict=False to skip them')
 
+  # Every file of every scan to crop, before any work: a missing .raw is named, not met mid-run.
+  for scan in selected:
+    for path in (scan.mhd_path, scan.raw_path):
+      if scan.seriesuid in rows_by_uid and not os.path.isfile(path):
+        raise DataError(f'scan file {path} (data of {scan.mhd_path}) does not exist; restore '
+                        'it, or move the scan out of the subset folders')
   parts_dir = out_path + '.parts'
-  os.makedirs(parts_dir, exist_ok=True)
+  try:
+    os.makedirs(parts_dir, exist_ok=True)
+  except OSError as e:
+    raise DataError(f'cannot write next to crops file {out_path} ({parts_dir}: {e.strerror}); '
+                    'set --config.data.crops_file to a writable path') from None
   plans, pending, unmatched_positives, dropped = [], [], 0, 0
   no_candidates = 0
   for scan in selected:
@@ -270,8 +297,8 @@ def preprocess(config) -> dict:
       skipped_missing, len(missing), dropped,
       f'{summary["seconds_per_scan_per_worker"]:.2f}' if results else 'n/a')
   if unmatched_positives:
-    logging.warning('preprocess: %d positive candidates have no nodule in %s (diameter_mm=0)',
-                    unmatched_positives, annotations_csv)
+    logging.warning('preprocess: %d positive candidates lie inside no nodule of %s '
+                    '(diameter_mm=-1: unknown)', unmatched_positives, annotations_csv)
   return summary
 
 

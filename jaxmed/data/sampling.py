@@ -68,9 +68,9 @@ def train_batch_rows(seed: int, step: int, global_batch_size: int, positive_rows
   for count, rows, name in ((num_positive, positive_rows, 'positive'),
                             (num_negative, negative_rows, 'negative')):
     if count and not len(rows):
-      raise ValueError(
-          f'training batches need {count} {name} examples but the training subsets have none: '
-          'check config.data.train_subsets and config.data.positive_fraction')
+      raise ConfigError(
+          f'training batches need {count} {name} examples but the training subsets have none; '
+          'check --config.data.train_subsets and --config.data.positive_fraction')
   parts = []
   if num_positive:
     parts.append(_stream_rows(positive_rows, seed, _POSITIVE_STREAM, step * num_positive,

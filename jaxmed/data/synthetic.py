@@ -343,6 +343,29 @@ def write_dataset(raw_dir: str, specs: list[ScanSpec], synthetic,
           'seconds': time.perf_counter() - start}
 
 
+def _check_settings(synthetic, raw_dir: str) -> None:
+  """Raises DataError (one line) for settings synthesize cannot use."""
+  if os.path.exists(raw_dir) and not os.path.isdir(raw_dir):
+    raise luna16.DataError(f'raw folder {raw_dir} is a file, not a folder; choose another '
+                           '--config.data.raw_dir')
+  if not (int(synthetic.num_scans) > 0 and int(synthetic.num_subsets) > 0):
+    raise luna16.DataError('synthetic.num_scans and synthetic.num_subsets must be > 0; set '
+                           '--config.data.synthetic.num_scans / num_subsets')
+  for key, least in (('nodules_per_scan', 0), ('positives_per_nodule', 1),
+                     ('nodule_diameter_mm', 0.1)):
+    value = tuple(synthetic[key])
+    if len(value) != 2 or not least <= value[0] <= value[1]:
+      raise luna16.DataError(f'synthetic.{key} is {value}, not a range (low, high) with '
+                             f'{least} <= low <= high; set --config.data.synthetic.{key}')
+  shape = tuple(synthetic.shape_xyz)
+  if len(shape) != 3 or min(shape) < 8:
+    raise luna16.DataError(f'synthetic.shape_xyz is {shape}: need 3 sizes (x, y, z) of at least '
+                           '8 voxels; set --config.data.synthetic.shape_xyz')
+  if int(synthetic.negatives_per_scan) < 0:
+    raise luna16.DataError(f'synthetic.negatives_per_scan is {synthetic.negatives_per_scan}, '
+                           'must be >= 0; set --config.data.synthetic.negatives_per_scan')
+
+
 def synthesize(config) -> dict:
   """Writes `config.data.synthetic.num_scans` LUNA16-format scans and the two CSVs to raw_dir.
 
@@ -351,6 +374,7 @@ def synthesize(config) -> dict:
   """
   data, synthetic = config.data, config.data.synthetic
   raw_dir = data.raw_dir
+  _check_settings(synthetic, raw_dir)  # Before anything on disk changes.
   candidates_csv = luna16.resolve(raw_dir, data.candidates_csv)
   annotations_csv = luna16.resolve(raw_dir, data.annotations_csv)
   marker = os.path.join(raw_dir, MARKER)
@@ -370,14 +394,12 @@ def synthesize(config) -> dict:
     for path in [candidates_csv, annotations_csv] + [os.path.join(raw_dir, p) for p in old_files]:
       if os.path.isfile(path):
         os.remove(path)
-  if not (int(synthetic.num_scans) > 0 and int(synthetic.num_subsets) > 0):
-    raise luna16.DataError('synthetic.num_scans and synthetic.num_subsets must be > 0; set '
-                           '--config.data.synthetic.num_scans / num_subsets')
-  if float(synthetic.nodule_diameter_mm[0]) <= 0:
-    raise luna16.DataError('synthetic.nodule_diameter_mm must be positive; set '
-                           '--config.data.synthetic.nodule_diameter_mm')
   specs = scan_specs(synthetic)
-  os.makedirs(raw_dir, exist_ok=True)
+  try:
+    os.makedirs(raw_dir, exist_ok=True)
+  except OSError as e:
+    raise luna16.DataError(f'raw folder {raw_dir} cannot be created ({e.strerror}); choose a '
+                           'writable --config.data.raw_dir') from None
   files = [f'subset{s.subset}/{s.seriesuid}.{ext}' for s in specs for ext in ('mhd', 'raw')]
   with open(marker, 'w') as f:  # First, so a half-written dataset is known to be ours.
     json.dump({'files': files, 'synthetic': synthetic.to_dict()}, f, indent=1, sort_keys=True)

@@ -7,14 +7,20 @@ Definitions are those of the LUNA16 evaluation script (noduleCADEvaluationLUNA16
   candidate that hits a nodule is never a false positive (if it hits two, it counts for both).
 - A candidate that hits only excluded findings is ignored: neither a hit nor a false positive.
 - Each scan keeps at most 100 candidates: those strictly above its 101st highest probability.
-- The curve has one point per distinct probability, from (0 FP/scan, 0); FPs per scan = false
-  positives above the threshold / scans evaluated; sensitivity = hits / all included nodules of
-  those scans. CPM is the mean of the curve interpolated (np.interp) at 1/8 ... 8 FPs per scan.
+- The curve has one point per distinct probability, from (0 FP/scan, 0); sensitivity = hits /
+  all included nodules of the scans evaluated. CPM is the mean of the curve interpolated
+  (np.interp) at 1/8 ... 8 FPs per scan.
+- arithmetic='official' (the default) computes the curve as the script does through sklearn's
+  roc_curve: a point evenly between its neighbours on a straight run is dropped, FPs per scan
+  are (fps / total_fps) * total_fps / scans and sensitivity (hits / total_hits) * total_hits /
+  nodules in float64, so 2 FPs per scan can come out as 2.0000000000000004 and np.interp then
+  reads the bottom of a vertical step. arithmetic='exact' keeps every point and divides the
+  integer counts once: at a rate where rate x scans is a whole number it reads the top.
 - The confidence interval draws scans with replacement and takes order statistics:
   lower = sorted[floor(0.025 n)], upper = sorted[floor(0.975 n)].
-How the arithmetic relates to the official script's is set out in the README's evaluation
-section: FPs per scan are exact here; the official fpr * count / scans carries float noise that
-can read the bottom of a vertical step when rate x scans is a whole number.
+Deliberate differences from the script: a FROC without any hit has sensitivity 0 (the script's
+is NaN), and a seriesuids file may start with a header line (read_seriesuids skips it; the
+script would count it as a scan).
 """
 
 from __future__ import annotations
@@ -33,13 +39,17 @@ FP_RATES = np.array([0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0])
 OFFICIAL_MAX_CANDIDATES_PER_SCAN = 100
 # The official evaluation uses this diameter for findings whose diameter_mm is negative.
 UNKNOWN_DIAMETER_MM = 10.0
+# How FPs per scan and sensitivities are computed: as the official script does, or exactly.
+ARITHMETICS = ('official', 'exact')
 
 
 @dataclasses.dataclass(frozen=True)
 class FROCResult:
   """One FROC evaluation.
 
-  fps_per_scan, sensitivity, thresholds: (K,) the curve, one point per distinct probability,
+  fps_per_scan, sensitivity, thresholds: (K,) the curve, one point per distinct probability
+    (arithmetic='official': less those evenly between their neighbours on a straight run, as
+    roc_curve drops them),
     thresholds descending from +inf (the (0, 0) point); a point counts probabilities >= threshold.
   fp_rates: (7,) 1/8..8 FPs per scan; sensitivities: (7,) the curve interpolated there.
   cpm: mean of `sensitivities` (NaN when there are no nodules: sensitivity is undefined).
@@ -213,16 +223,47 @@ def _sorted_rows(m: _Matched):
   return prob, scan, is_hit, group_ends
 
 
-def _interp(rates: np.ndarray, fps: np.ndarray, sens: np.ndarray) -> np.ndarray:
-  # At a rate equal to a vertical run of points np.interp takes the run's last (highest) point:
-  # every hit before the next FP counts, as in the official np.interp over the same curve.
-  return np.interp(rates, fps, sens)
+def _official_points(fps_cum: np.ndarray, hits_cum: np.ndarray) -> np.ndarray:
+  """Mask of the points sklearn's roc_curve keeps (drop_intermediate): the first, the last and
+  each point where a count's second difference is non-zero (where the curve bends)."""
+  keep = np.ones(len(fps_cum), bool)
+  if len(fps_cum) > 2:
+    keep[1:-1] = (np.diff(fps_cum, 2) != 0) | (np.diff(hits_cum, 2) != 0)
+  return keep
+
+
+def _curve(fps_cum: np.ndarray, hits_cum: np.ndarray, num_scans: int, num_nodules,
+           arithmetic: str) -> tuple[np.ndarray, np.ndarray]:
+  """(fps_per_scan, sensitivity), each (..., K + 1): the (0, 0) point, then one per point.
+
+  fps_cum, hits_cum: (..., K) float64 cumulative false positives and hits, the last point
+  holding the totals. num_nodules: scalar or (...,) nodules to find, > 0.
+  """
+  zeros = np.zeros(fps_cum.shape[:-1] + (1,))
+  fps = np.concatenate([zeros, fps_cum], axis=-1)
+  hits = np.concatenate([zeros, hits_cum], axis=-1)
+  nodules = np.asarray(num_nodules, np.float64)[..., None]
+  if arithmetic == 'exact':
+    return fps / num_scans, hits / nodules
+  # The official script: fpr * total_fps / scans and (tpr * total_hits) / nodules, in this order,
+  # fpr and tpr being roc_curve's counts / totals; without FPs it sets every rate to 0. (Without
+  # a hit its tpr is NaN; here the sensitivity is 0.)
+  total_fps, total_hits = fps[..., -1:], hits[..., -1:]
+  with np.errstate(invalid='ignore', divide='ignore'):
+    fps = np.where(total_fps > 0, fps / total_fps * total_fps / num_scans, 0.0)
+    sens = np.where(total_hits > 0, hits / total_hits * total_hits / nodules, 0.0)
+  return fps, sens
+
+
+def _check_arithmetic(arithmetic: str) -> None:
+  if arithmetic not in ARITHMETICS:
+    raise EvaluationInputError(f"arithmetic must be one of {ARITHMETICS}, got '{arithmetic}'")
 
 
 def compute_froc(predictions: Predictions, annotations: Annotations,
                  excluded: Annotations | None = None, seriesuids=None, *,
-                 max_candidates_per_scan: int | None = OFFICIAL_MAX_CANDIDATES_PER_SCAN
-                 ) -> FROCResult:
+                 max_candidates_per_scan: int | None = OFFICIAL_MAX_CANDIDATES_PER_SCAN,
+                 arithmetic: str = 'official') -> FROCResult:
   """LUNA16 FROC curve, sensitivities at 1/8..8 FPs per scan and CPM (definitions above).
 
   predictions: scored candidates. annotations: the nodules to find. excluded: findings whose
@@ -230,18 +271,25 @@ def compute_froc(predictions: Predictions, annotations: Annotations,
   (each once); candidates and findings of other scans are left out. None means every scan that
   has a candidate or a nodule - pass the list explicitly when some scans may have neither.
   max_candidates_per_scan: the official per-scan cap (100); None keeps every candidate.
-  With no nodules in the scans evaluated, sensitivities and cpm are NaN (undefined).
+  arithmetic: 'official' (equal to the official script's numbers to the last bit) or 'exact'
+  (FPs per scan = integer count / scans, every distinct probability a point).
+  With no nodules in the scans evaluated, sensitivities and cpm are NaN (undefined); with
+  nodules but no hit they are 0.
   """
+  _check_arithmetic(arithmetic)
   m = _match(predictions, annotations, excluded, seriesuids, max_candidates_per_scan)
   prob, _, is_hit, ends = _sorted_rows(m)
-  hits_cum = np.cumsum(is_hit)[ends]
-  fps_cum = np.cumsum(~is_hit)[ends]
+  hits_cum = np.cumsum(is_hit)[ends].astype(np.float64)
+  fps_cum = np.cumsum(~is_hit)[ends].astype(np.float64)
+  thresholds = prob[ends]
+  if arithmetic == 'official':
+    keep = _official_points(fps_cum, hits_cum)
+    fps_cum, hits_cum, thresholds = fps_cum[keep], hits_cum[keep], thresholds[keep]
   num_nodules = len(m.nodule_scan)
-  num_scans = max(m.num_scans, 1)
-  fps = np.r_[0.0, fps_cum / num_scans]
-  with np.errstate(invalid='ignore', divide='ignore'):
-    sens = np.r_[0.0, hits_cum / num_nodules] if num_nodules else np.full(len(ends) + 1, np.nan)
-  sensitivities = _interp(FP_RATES, fps, sens)
+  fps, sens = _curve(fps_cum, hits_cum, max(m.num_scans, 1), max(num_nodules, 1), arithmetic)
+  if not num_nodules:
+    sens = np.full(len(sens), np.nan)
+  sensitivities = np.interp(FP_RATES, fps, sens)
   detected = np.zeros(m.num_annotations, bool)
   detected[m.nodule_rows] = m.nodule_detected
   nodule_prob = np.full(m.num_annotations, np.nan)
@@ -249,7 +297,7 @@ def compute_froc(predictions: Predictions, annotations: Annotations,
   return FROCResult(
       fps_per_scan=fps,
       sensitivity=sens,
-      thresholds=np.r_[np.inf, prob[ends]],
+      thresholds=np.r_[np.inf, thresholds],
       fp_rates=FP_RATES.copy(),
       sensitivities=sensitivities,
       cpm=float(np.mean(sensitivities)),
@@ -278,16 +326,19 @@ def bootstrap_froc(predictions: Predictions, annotations: Annotations,
                    excluded: Annotations | None = None, seriesuids=None, *,
                    num_samples: int = 1000, seed: int = 0, confidence: float = 0.95,
                    fps_grid: np.ndarray | None = None,
-                   max_candidates_per_scan: int | None = OFFICIAL_MAX_CANDIDATES_PER_SCAN
-                   ) -> FROCConfidence:
+                   max_candidates_per_scan: int | None = OFFICIAL_MAX_CANDIDATES_PER_SCAN,
+                   arithmetic: str = 'official') -> FROCConfidence:
   """Bootstrap confidence interval of compute_froc's result: scans drawn with replacement.
 
   Arguments as compute_froc. Returns (cpm_low, cpm_high, sensitivity_low (7,),
   sensitivity_high (7,), band), band holding bounds and mean at `fps_grid` FPs per scan
   (default: 129 points log-spaced over 1/8..8). Samples that draw no nodule have no defined
   sensitivity and are left out (the official script would carry NaN); all NaN if no sample has
-  one. Deterministic in `seed`.
+  one. Each sample's curve follows `arithmetic` as compute_froc does (the official script draws
+  its samples unseeded, so only the arithmetic, not the draws, can match it). Deterministic in
+  `seed`.
   """
+  _check_arithmetic(arithmetic)
   if num_samples < 1:
     raise EvaluationInputError(f'num_samples must be >= 1, got {num_samples}')
   if not 0.0 < confidence < 1.0:
@@ -336,10 +387,11 @@ def bootstrap_froc(predictions: Predictions, annotations: Annotations,
   fps_cum = weights @ fps_per_scan
 
   values = np.full((num_samples, len(targets)), np.nan)
-  for b in np.flatnonzero(total_nodules > 0):
-    fps = np.r_[0.0, fps_cum[b] / num_scans]
-    sens = np.r_[0.0, hits_cum[b] / total_nodules[b]]
-    values[b] = _interp(targets, fps, sens)
+  drew_nodules = np.flatnonzero(total_nodules > 0)
+  fps, sens = _curve(fps_cum[drew_nodules], hits_cum[drew_nodules], num_scans,
+                     total_nodules[drew_nodules], arithmetic)
+  for b, fps_b, sens_b in zip(drew_nodules, fps, sens):
+    values[b] = np.interp(targets, fps_b, sens_b)
 
   values = values[total_nodules > 0]
   if len(values) == 0:
