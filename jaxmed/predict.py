@@ -81,19 +81,19 @@ def _rows_by_scan(candidates, scans, csv_path: str, scans_dir: str) -> dict[str,
   return {uid: np.asarray(rows) for uid, rows in by_uid.items()}
 
 
-def _check_outside(outside: np.ndarray, rows: np.ndarray, centers: np.ndarray, image, scan,
-                   csv_path: str) -> None:
+def _check_outside(outside: np.ndarray, rows: np.ndarray, centers: np.ndarray,
+                   geometry: scan_formats.Geometry, uid: str, csv_path: str) -> None:
   if not outside.any():
     return
   k = int(np.flatnonzero(outside)[0])
-  corners = np.array([[0, 0, 0], np.asarray(image.GetSize())[::-1] - 1], np.float64)
-  ends = luna16.voxel_to_world(image, corners)
+  corners = np.array([[0, 0, 0], np.asarray(geometry.size_xyz)[::-1] - 1], np.float64)
+  ends = luna16.voxel_to_world(geometry.grid, corners)
   low, high = np.minimum(*ends), np.maximum(*ends)
   box = ', '.join(f'{a} {lo:.1f}..{hi:.1f}' for a, lo, hi in zip('xyz', low, high))
   raise DataError(
       f'{csv_path} line {rows[k] + 2}: candidate ({", ".join(f"{v:.2f}" for v in centers[k])}) '
-      f'mm lies outside scan {scan.seriesuid} ({box} mm; {int(outside.sum())} candidates '
-      'outside); fix its coordinates (world mm, x y z) or remove it')
+      f'mm lies outside scan {uid} ({box} mm; {int(outside.sum())} of its {len(rows)} '
+      'candidates lie outside); fix its coordinates (world mm, x y z) or remove it')
 
 
 def _score(eval_fn, state, crops: np.ndarray, batch_size: int, batch_sharding,
@@ -134,13 +134,16 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   settings, data = config.predict, config.data
   scans_dir = _required_path(config, 'scans_dir')
   csv_path = _required_path(config, 'candidates_csv')
-  # ---- inputs, checked before the long part: folder, CSV, seriesuids, DICOM headers, checkpoint
+  # ---- inputs, checked before the long part: folder, CSV, seriesuids, scan headers, checkpoint
   scans = scan_formats.find_scans(scans_dir)
   candidates = read_candidates(csv_path)
   rows_by_scan = _rows_by_scan(candidates, scans, csv_path, scans_dir)
-  for uid in rows_by_scan:
-    if scans[uid].format == 'dicom':
-      scan_formats.check_dicom_series(scans[uid])
+  centers_all = np.stack([candidates['coordX'], candidates['coordY'], candidates['coordZ']], 1)
+  geometries = {}  # From headers: a candidate outside its scan stops the run before it starts.
+  for uid, rows in rows_by_scan.items():
+    geometries[uid] = scan_formats.read_geometry(scans[uid])  # DICOM: checks the series too.
+    _check_outside(geometries[uid].outside(centers_all[rows]), rows, centers_all[rows],
+                   geometries[uid], uid, csv_path)
   checkpoints = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
     raise checkpointing.CheckpointError(
@@ -149,7 +152,6 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if luna16.INTERPOLATORS.get(data.interpolator) is None:
     raise ConfigError(f'data.interpolator is {data.interpolator!r}, not one of '
                       f'{sorted(luna16.INTERPOLATORS)}; set --config.data.interpolator')
-  centers_all = np.stack([candidates['coordX'], candidates['coordY'], candidates['coordZ']], 1)
   logging.info('predict: %d candidates of %d scans (%d scans in %s)', len(centers_all),
                len(rows_by_scan), len(scans), scans_dir)
 
@@ -176,7 +178,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       centers = centers_all[rows]
       crops, _, outside = luna16.crop_cubes(image, centers, int(data.stored_crop_size),
                                             float(data.spacing_mm), data.interpolator)
-      _check_outside(outside, rows, centers, image, scan, csv_path)
+      _check_outside(outside, rows, centers, geometries[uid], uid, csv_path)  # The pixel data's.
       probability[rows] = _score(eval_fn, state, crops, int(config.train.eval_batch_size),
                                  batch_sharding, crop_sharding)
       if montage_size:

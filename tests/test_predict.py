@@ -131,6 +131,12 @@ def test_world_coordinates_survive_dicom_and_nifti(setup, tmp_path):
       hu = sitk.GetArrayViewFromImage(other)[tuple(np.round(back).astype(int).T)]
       np.testing.assert_array_equal(hu, sitk.GetArrayViewFromImage(image)[tuple(index.T)])
       assert other.GetDirection()[8] == 1 or fmt == 'nifti'  # DICOM: slices sorted by z.
+      # The header-only geometry (predict's early check) is the volume's geometry.
+      geometry = scan_formats.read_geometry(converted[uid])
+      assert geometry.size_xyz == other.GetSize()
+      for get in ('GetOrigin', 'GetSpacing', 'GetDirection'):
+        np.testing.assert_allclose(getattr(geometry.grid, get)(), getattr(other, get)(),
+                                   atol=1e-6, err_msg=get)
 
 
 def _dicom_copy(root, tmp_path, index=0):
@@ -206,7 +212,7 @@ def test_a_candidate_outside_every_scan_is_refused(setup, tmp_path):
   unknown = _candidates_of(root, uids, tmp_path, [['1.2.3.999', '0', '0', '0', '0']])
   _expect_one_line_error(setup, raw, unknown, tmp_path / 'out',
                          r'line \d+: seriesuid 1.2.3.999 names no scan')
-  # Inside no scan's volume: found when that scan is read, after others were scored.
+  # Outside its scan's volume: found from the scan headers, before any scan is read.
   far = _candidates_of(root, uids, tmp_path, [[uid, '0', '0', '5000', '0']])
   _expect_one_line_error(setup, raw, far, tmp_path / 'out',
                          rf'line \d+: candidate \(0.00, 0.00, 5000.00\) mm lies outside scan {uid}')

@@ -1,4 +1,4 @@
-"""Write scans as DICOM series or NIfTI (SimpleITK), e.g. the synthetic scans, to try --mode=predict.
+"""Writes scans as DICOM series or NIfTI with SimpleITK, e.g. synthetic scans to try --mode=predict.
 
   python -m jaxmed.data.convert --format=dicom --candidates=data/raw/synthetic/candidates_V2.csv \
       data/raw/synthetic/subset9 data/dicom/subset9
@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 
-import numpy as np
 import SimpleITK as sitk
 
 from jaxmed import files

@@ -117,6 +117,46 @@ def find_scans(scans_dir: str, config_key: str = 'predict.scans_dir') -> dict[st
   return scans
 
 
+# ---- geometry from headers ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Where a scan's voxels lie, read from headers only: `size_xyz` voxels and `grid`, a 1-voxel
+  image carrying the scan's origin, spacing and direction (for luna16.world_to_voxel)."""
+  size_xyz: tuple[int, int, int]
+  grid: sitk.Image
+
+  def outside(self, centers_world: np.ndarray) -> np.ndarray:
+    """(K,) bool: the world (x, y, z) mm point lies outside the volume (as crop_cubes says)."""
+    index = luna16.world_to_voxel(self.grid, centers_world)  # (z, y, x)
+    shape = np.asarray(self.size_xyz)[::-1]
+    return ~np.all((index >= -0.5) & (index <= shape - 0.5), axis=-1)
+
+
+def _geometry(size_xyz, spacing, origin, direction) -> Geometry:
+  grid = sitk.Image(1, 1, 1, sitk.sitkUInt8)
+  grid.SetSpacing([float(v) for v in spacing])
+  grid.SetOrigin([float(v) for v in origin])
+  grid.SetDirection([float(v) for v in direction])
+  return Geometry(tuple(int(n) for n in size_xyz), grid)
+
+
+def read_geometry(scan: ScanFile) -> Geometry:
+  """The scan's voxel grid from its header (DICOM: all slice headers, check_dicom_series)."""
+  if scan.format == 'dicom':
+    return check_dicom_series(scan)
+  reader = sitk.ImageFileReader()
+  reader.SetFileName(scan.path)
+  try:
+    reader.ReadImageInformation()
+  except RuntimeError:
+    raise DataError(f'scan {scan.path} has an unreadable header; re-export or remove it') from None
+  if reader.GetDimension() != 3:
+    raise DataError(f'scan {scan.path} has {reader.GetDimension()} dimensions, not 3; remove it')
+  return _geometry(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(),
+                   reader.GetDirection())
+
+
 # ---- DICOM checks ------------------------------------------------------------------------------
 
 def _numbers(text: str, count: int, path: str, tag: str) -> np.ndarray:
@@ -130,18 +170,19 @@ def _numbers(text: str, count: int, path: str, tag: str) -> np.ndarray:
   return values
 
 
-def check_dicom_series(scan: ScanFile) -> None:
+def check_dicom_series(scan: ScanFile) -> Geometry:
   """Checks from the slices' headers alone: Modality CT, one orientation, at least 2 slices,
   evenly spaced along the slice normal (a missing slice shows as a double gap).
 
-  Raises DicomSeriesError naming the folder, the slice and the fix.
+  Returns the volume's geometry as the series reader builds it (first slice = lowest along the
+  normal). Raises DicomSeriesError naming the folder, the slice and the fix.
   """
   where = f'DICOM series {scan.seriesuid} in {scan.path}'
   if len(scan.slices) < 2:
     raise DicomSeriesError(f'{where} has {len(scan.slices)} slice; a CT volume needs at least '
                            '2: add its slices or remove the folder')
   reader = sitk.ImageFileReader()
-  positions, orientations = [], []
+  positions, orientations, first = [], [], None
   for path in scan.slices:
     reader.SetFileName(path)
     try:
@@ -160,6 +201,8 @@ def check_dicom_series(scan: ScanFile) -> None:
                                'orientation); re-export the series with it or remove that file')
     positions.append(_numbers(reader.GetMetaData(TAG_POSITION), 3, path, TAG_POSITION))
     orientations.append(_numbers(reader.GetMetaData(TAG_ORIENTATION), 6, path, TAG_ORIENTATION))
+    if first is None:
+      first = (reader.GetSize(), reader.GetSpacing())
   orientations = np.stack(orientations)
   name = lambda k: os.path.basename(scan.slices[k])
   bad = np.flatnonzero(np.abs(orientations - orientations[0]).max(axis=1) > 1e-4)
@@ -183,6 +226,10 @@ def check_dicom_series(scan: ScanFile) -> None:
     raise DicomSeriesError(
         f'{where}: uneven slice spacing, {gaps[k]:.4g} mm between slices {name(k)} and '
         f'{name(k + 1)} against {median:.4g} mm elsewhere; {fix}')
+  lowest = int(np.argmin(along))
+  direction = np.stack([orientations[0, :3], orientations[0, 3:], normal], axis=1)
+  return _geometry((first[0][0], first[0][1], len(scan.slices)),
+                   (first[1][0], first[1][1], median), positions[lowest], direction.ravel())
 
 
 # ---- reading -----------------------------------------------------------------------------------
