@@ -1,8 +1,8 @@
 """--mode=predict: score candidates of scans without annotations (DICOM, NIfTI or MetaImage).
 
   python -m jaxmed.main --config=configs/mesh_2x4.py --mode=predict \
-      --config.predict.scans_dir=data/dicom/subset9 \
-      --config.predict.candidates_csv=data/dicom/subset9/candidates.csv
+      --config.predict.scans_dir=data/raw/synthetic_dicom/subset9 \
+      --config.predict.candidates_csv=data/raw/synthetic_dicom/subset9/candidates.csv
 
 Each candidate (world x, y, z mm) is cut exactly as preprocessing cuts it (luna16.crop_cubes with
 data.stored_crop_size, data.spacing_mm, data.interpolator) and scored by the latest (or

@@ -13,13 +13,16 @@ from flax import nnx
 
 from conftest import apply_overrides, cli_overrides, run_main
 from jaxmed import checkpointing
+from jaxmed import evaluate
 from jaxmed import predict
 from jaxmed import train
 from jaxmed.data import convert
 from jaxmed.data import luna16
+from jaxmed.data import preprocess
 from jaxmed.data import scan_formats
 from jaxmed.data import synthetic
 from jaxmed.errors import UserError
+from jaxmed.parallel import sharding as sharding_lib
 
 # Four scans (64, 64, 32): directions identity, z flipped, identity, x and y flipped.
 SMALL = {
@@ -111,6 +114,34 @@ def test_dicom_and_nifti_give_the_predictions_of_the_mhd_scans(setup):
   np.testing.assert_allclose(prob[2], prob[0], atol=1e-4)  # NIfTI stores geometry as float32.
   for uid in found:
     assert os.path.getsize(root / 'out' / 'montages' / f'{uid}.png') > 3_000
+
+
+def test_predict_cuts_and_scores_each_candidate_as_preprocess_and_eval_do(setup, tmp_path):
+  config, root, workdir = setup
+  config = _config(setup, root / 'raw' / 'subset0', root / 'raw' / 'candidates_V2.csv',
+                   tmp_path / 'out')
+  config.data.crops_file = str(tmp_path / 'crops.h5')
+  config.data.subsets = config.data.test_subsets = (0,)
+  config.data.preprocess_workers = 0
+  preprocess.preprocess(config)
+  predict.predict(config, workdir)
+  # --mode=eval's scoring of the preprocessed crops file, same checkpoint.
+  mesh, rules = train.create_mesh_and_rules(config)
+  with sharding_lib.use_rules(mesh, rules):
+    checkpointer = checkpointing.Checkpointer(workdir, config)
+    graphdef, abstract_state, shardings = train.abstract_train_state(config, mesh, rules)
+    state, _ = train.restore_state(checkpointer, abstract_state)
+    checkpointer.close()
+    scores = train.predict(train.make_eval_step(graphdef, shardings, mesh, config), state, config,
+                           (0,), sharding_lib.batch_sharding(mesh, rules, ndim=1))
+  table = evaluate.candidate_table(config.data.crops_file, scores['row'])
+  from_eval = {(uid, *map(float, xyz)): p for uid, xyz, p in
+               zip(table['seriesuid'], table['center_world'], scores['probability'])}
+  predicted = _read(tmp_path / 'out' / 'predictions.csv')
+  assert len(predicted) == len(from_eval)
+  for row in predicted:
+    key = (row['seriesuid'], float(row['coordX']), float(row['coordY']), float(row['coordZ']))
+    assert abs(float(row['probability']) - from_eval[key]) < 1e-6, key
 
 
 def test_world_coordinates_survive_dicom_and_nifti(setup, tmp_path):

@@ -1,7 +1,7 @@
 """Writes scans as DICOM series or NIfTI with SimpleITK, e.g. synthetic scans to try --mode=predict.
 
   python -m jaxmed.data.convert --format=dicom --candidates=data/raw/synthetic/candidates_V2.csv \
-      data/raw/synthetic/subset9 data/dicom/subset9
+      data/raw/synthetic/subset9 data/raw/synthetic_dicom/subset9
 
 writes every scan found under the input folder (any format jaxmed reads) as
 <output>/<seriesuid>/<slice>.dcm (format dicom: one CT series per folder, SeriesInstanceUID =
