@@ -4,14 +4,10 @@
       --config.predict.scans_dir=data/raw/synthetic_dicom/subset9 \
       --config.predict.candidates_csv=data/raw/synthetic_dicom/subset9/candidates.csv
 
-Each candidate (world x, y, z mm) is cut exactly as preprocessing cuts it (luna16.crop_cubes with
-data.stored_crop_size, data.spacing_mm, data.interpolator) and scored by the latest (or
-checkpoint.step) checkpoint of the workdir on the config's mesh, one scan at a time. Writes into
-predict.output_dir (default <workdir>/predict, apart from --mode=eval's files):
-  predictions.csv        LUNA16 submission: seriesuid,coordX,coordY,coordZ,probability, in the
-                         candidates CSV's order; written last, atomically
-  montages/<uid>.png     the predict.montage_size top-scoring candidates of each scan
-Every input is checked before any output is written: on a bad input nothing is written.
+Candidates are cut as preprocessing cuts them and scored by the workdir's checkpoint on the
+config's mesh, one scan at a time; predictions.csv (LUNA16 submission format, in the CSV's order)
+and montages/<seriesuid>.png go to predict.output_dir (default <workdir>/predict) once every input
+has passed its checks, so a bad input leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -99,7 +95,8 @@ def _check_outside(outside: np.ndarray, rows: np.ndarray, centers: np.ndarray,
 def _score(eval_fn, state, crops: np.ndarray, batch_size: int, batch_sharding,
            crop_sharding) -> np.ndarray:
   """Probabilities (K,) of int16 crops (K, S, S, S), batches of `batch_size` over the mesh."""
-  positions = loader.process_batch_rows(batch_sharding, batch_size)  # This process's rows.
+  # Every process cut every crop; each feeds the rows its devices hold, as the eval loader does.
+  positions = loader.process_batch_rows(batch_sharding, batch_size)
   probabilities = []
   for start in range(0, len(crops), batch_size):
     chunk = crops[start:start + batch_size]

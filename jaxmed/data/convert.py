@@ -3,11 +3,9 @@
   python -m jaxmed.data.convert --format=dicom --candidates=data/raw/synthetic/candidates_V2.csv \
       data/raw/synthetic/subset9 data/raw/synthetic_dicom/subset9
 
-writes every scan found under the input folder (any format jaxmed reads) as
-<output>/<seriesuid>/<slice>.dcm (format dicom: one CT series per folder, SeriesInstanceUID =
-seriesuid, HU stored as HU + 1024 with RescaleIntercept -1024) or <output>/<seriesuid>.nii.gz,
-and, with --candidates, <output>/candidates.csv: the rows of that CSV whose scan was converted.
-Each scan appears complete or not at all (written under a temporary name, then renamed).
+writes each scan under the input folder as <output>/<seriesuid>/<slice>.dcm (or, with
+--format=nifti, <output>/<seriesuid>.nii.gz), each complete or not at all, and with --candidates
+<output>/candidates.csv: that CSV's rows of the converted scans.
 """
 
 from __future__ import annotations
@@ -108,7 +106,7 @@ def convert_scans(scans_dir: str, out_dir: str, fmt: str,
   if fmt not in FORMATS:
     raise DataError(f'format {fmt!r} is not one of {", ".join(FORMATS)}; pass --format=dicom or '
                     '--format=nifti')
-  scans = scan_formats.find_scans(scans_dir, config_key='scans_dir (the input folder)')
+  scans = scan_formats.find_scans(scans_dir, setting='SCANS_DIR (the first argument)')
   rows = None
   if candidates_csv is not None:  # Read first: a bad CSV stops before any scan is written.
     if not os.path.isfile(candidates_csv):

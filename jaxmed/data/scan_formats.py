@@ -1,12 +1,8 @@
-"""Scans in any of MetaImage (.mhd/.raw), NIfTI (.nii, .nii.gz) or DICOM series: find and read.
+"""Scans as MetaImage (.mhd/.raw), NIfTI (.nii, .nii.gz) or DICOM series: find, check and read.
 
-A scans folder holds image files and folders of DICOM slices (one series per folder), at any
-depth. The seriesuid of a MetaImage or NIfTI scan is its file stem; of a DICOM series, its
-SeriesInstanceUID (0020|000e). A DICOM series is read in the order of its slices' positions
-(SimpleITK's GetGDCMSeriesFileNames) after checking what the series reader would let pass
-silently: one series per folder, Modality CT, one orientation, evenly spaced slices (no missing
-slice). SimpleITK converts NIfTI's RAS to ITK's LPS on reading, so world (x, y, z) mm means the
-same in every format. This module imports no JAX.
+A seriesuid is the file stem, or a DICOM series' SeriesInstanceUID (one series per folder, slices
+ordered by position and checked: CT, one orientation, evenly spaced); SimpleITK turns NIfTI's RAS
+into the LPS world (x, y, z) mm of the CSVs. This module imports no JAX.
 """
 
 from __future__ import annotations
@@ -83,14 +79,17 @@ def _dicom_series(folder: str, names: list[str]) -> ScanFile | None:
   return ScanFile(uid, 'dicom', folder, slices)
 
 
-def find_scans(scans_dir: str, config_key: str = 'predict.scans_dir') -> dict[str, ScanFile]:
+def find_scans(scans_dir: str,
+               setting: str = '--config.predict.scans_dir') -> dict[str, ScanFile]:
   """Every scan under `scans_dir` (any depth), keyed by seriesuid, in path order.
+
+  `setting` names, in error messages, where the user gave the folder.
 
   Raises DataError for a missing or scan-less folder or two scans with one seriesuid, and
   DicomSeriesError for a folder holding several DICOM series.
   """
   if not os.path.isdir(scans_dir):
-    raise DataError(f'scans folder {scans_dir} does not exist; set --config.{config_key} to a '
+    raise DataError(f'scans folder {scans_dir} does not exist; set {setting} to a '
                     'folder of .mhd/.raw, .nii(.gz) files or DICOM series folders')
   scans: dict[str, ScanFile] = {}
 
@@ -113,7 +112,7 @@ def find_scans(scans_dir: str, config_key: str = 'predict.scans_dir') -> dict[st
       add(series)
   if not scans:
     raise DataError(f'scans folder {scans_dir} holds no scan (.mhd, .nii, .nii.gz or a folder '
-                    f'of DICOM slices); put the scans there or fix --config.{config_key}')
+                    f'of DICOM slices); put the scans there or fix {setting}')
   return scans
 
 
