@@ -2,6 +2,7 @@
 each bad input is one UserError and leaves no output behind."""
 
 import csv
+import functools
 import glob
 import os
 import shutil
@@ -43,23 +44,30 @@ SMALL = {
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-  """Synthetic scans (.mhd) with their candidates, and a workdir holding a checkpoint."""
+def dataset(tmp_path_factory):
+  """(config, root): synthetic scans (.mhd) under root/raw/subset0 with their candidates."""
   from configs import default
   root = tmp_path_factory.mktemp('predict')
   config = apply_overrides(default.get_config(), {**SMALL, 'data.raw_dir': str(root / 'raw')})
   synthetic.synthesize(config)
-  workdir = str(root / 'workdir')
-  # An initialised (untrained) model is enough: the test compares formats, not accuracy.
+  return config, root
+
+
+@pytest.fixture(scope='module')
+def workdir(dataset):
+  """root/workdir, holding a checkpoint of the SMALL model."""
+  config, root = dataset
+  path = str(root / 'workdir')
+  # An initialised (untrained) model is enough: the tests compare inputs, not accuracy.
   _, state, _ = train.init_sharded_state(config, *train.create_mesh_and_rules(config))
-  checkpointer = checkpointing.Checkpointer(workdir, config)
+  checkpointer = checkpointing.Checkpointer(path, config)
   checkpointer.save(0, nnx.to_pure_dict(state))
   checkpointer.close()
-  return config, root, workdir
+  return path
 
 
-def _config(setup, scans_dir, candidates_csv, output_dir):
-  config = setup[0].copy_and_resolve_references()
+def _config(dataset, scans_dir, candidates_csv, output_dir):
+  config = dataset[0].copy_and_resolve_references()
   config.predict.scans_dir = str(scans_dir)
   config.predict.candidates_csv = str(candidates_csv)
   config.predict.output_dir = str(output_dir)
@@ -79,8 +87,8 @@ def _write_csv(path, rows, header=('seriesuid', 'coordX', 'coordY', 'coordZ', 'c
   return path
 
 
-def test_dicom_and_nifti_give_the_predictions_of_the_mhd_scans(setup):
-  config, root, workdir = setup
+def test_dicom_and_nifti_give_the_predictions_of_the_mhd_scans(dataset, workdir):
+  root = dataset[1]
   raw = root / 'raw'
   scans = scan_formats.find_scans(str(raw / 'subset0'))
   directions = [luna16.read_scan(s.path).GetDirection() for s in scans.values()]
@@ -102,7 +110,7 @@ def test_dicom_and_nifti_give_the_predictions_of_the_mhd_scans(setup):
 
   found = scan_formats.find_scans(str(mixed))
   assert sorted(s.format for s in found.values()) == ['dicom'] * 4 + ['mhd'] * 4 + ['nifti'] * 4
-  summary = predict.predict(_config(setup, mixed, csv_path, root / 'out'), workdir)
+  summary = predict.predict(_config(dataset, mixed, csv_path, root / 'out'), workdir)
   assert summary['candidates'] == 3 * len(original) and summary['scans'] == 12
 
   predictions = _read(root / 'out' / 'predictions.csv')
@@ -116,9 +124,10 @@ def test_dicom_and_nifti_give_the_predictions_of_the_mhd_scans(setup):
     assert os.path.getsize(root / 'out' / 'montages' / f'{uid}.png') > 3_000
 
 
-def test_predict_cuts_and_scores_each_candidate_as_preprocess_and_eval_do(setup, tmp_path):
-  config, root, workdir = setup
-  config = _config(setup, root / 'raw' / 'subset0', root / 'raw' / 'candidates_V2.csv',
+def test_predict_cuts_and_scores_each_candidate_as_preprocess_and_eval_do(dataset, workdir,
+                                                                           tmp_path):
+  root = dataset[1]
+  config = _config(dataset, root / 'raw' / 'subset0', root / 'raw' / 'candidates_V2.csv',
                    tmp_path / 'out')
   config.data.crops_file = str(tmp_path / 'crops.h5')
   config.data.subsets = config.data.test_subsets = (0,)
@@ -144,8 +153,8 @@ def test_predict_cuts_and_scores_each_candidate_as_preprocess_and_eval_do(setup,
     assert abs(float(row['probability']) - from_eval[key]) < 1e-6, key
 
 
-def test_world_coordinates_survive_dicom_and_nifti(setup, tmp_path):
-  config, root, _ = setup
+def test_world_coordinates_survive_dicom_and_nifti(dataset, tmp_path):
+  root = dataset[1]
   scans = scan_formats.find_scans(str(root / 'raw' / 'subset0'))
   for fmt in ('dicom', 'nifti'):
     convert.convert_scans(str(root / 'raw' / 'subset0'), str(tmp_path / fmt), fmt)
@@ -185,22 +194,24 @@ def _candidates_of(root, uids, tmp_path, extra=()):
   return _write_csv(tmp_path / 'candidates.csv', rows + list(extra))
 
 
-def _expect_one_line_error(setup, scans_dir, csv_path, out, match, workdir=None):
+def _expect_one_line_error(dataset, scans_dir, csv_path, out, match, workdir=None):
   with pytest.raises(UserError, match=match) as raised:
-    predict.predict(_config(setup, scans_dir, csv_path, out), workdir or setup[2])
+    # These inputs fail before the checkpoint is looked at, whether or not it exists.
+    predict.predict(_config(dataset, scans_dir, csv_path, out),
+                    workdir or str(dataset[1] / 'workdir'))
   message = str(raised.value)
   assert '\n' not in message and ';' in message, message  # One line: the cause; the fix.
   assert not os.path.exists(out), os.listdir(out)  # Nothing written, not even a montage.
   return message
 
 
-def test_a_folder_with_several_dicom_series_is_refused(setup, tmp_path):
-  root = setup[1]
+def test_a_folder_with_several_dicom_series_is_refused(dataset, tmp_path):
+  root = dataset[1]
   first, uid0 = _dicom_copy(root, tmp_path, 0)
   second, uid1 = _dicom_copy(root, tmp_path, 1)
   for path in glob.glob(str(second / '*.dcm')):
     shutil.copy(path, first / ('b' + os.path.basename(path)))
-  _expect_one_line_error(setup, first.parent, _candidates_of(root, {uid0}, tmp_path),
+  _expect_one_line_error(dataset, first.parent, _candidates_of(root, {uid0}, tmp_path),
                          tmp_path / 'out', 'holds 2 DICOM series')
 
 
@@ -208,13 +219,17 @@ def test_a_folder_with_several_dicom_series_is_refused(setup, tmp_path):
     ('missing', r'uneven slice spacing.*a missing slice\? restore it'),
     ('uneven', r'uneven slice spacing.*resample the series evenly'),
     ('modality', r'has Modality MR .*not CT'),
+    ('corrupt', r'0004.dcm, are unreadable as DICOM\); a missing slice'),
 ])
-def test_a_damaged_dicom_series_is_refused(setup, tmp_path, damage, match):
-  root = setup[1]
+def test_a_damaged_dicom_series_is_refused(dataset, tmp_path, damage, match):
+  root = dataset[1]
   folder, uid = _dicom_copy(root, tmp_path, 1)  # The z-flipped scan.
   slices = sorted(glob.glob(str(folder / '*.dcm')))
   if damage == 'missing':
     os.remove(slices[len(slices) // 2])
+  elif damage == 'corrupt':  # A slice file overwritten: the series reader leaves it out.
+    with open(slices[4], 'wb') as f:
+      f.write(b'\0' * 128 + b'DICM' + bytes(range(256)) * 2)
   elif damage == 'uneven':  # One slice moved 0.3 gaps along z: its two gaps become uneven.
     reader = sitk.ImageFileReader()
     reader.SetFileName(slices[10])
@@ -231,40 +246,41 @@ def test_a_damaged_dicom_series_is_refused(setup, tmp_path, damage, match):
     shutil.rmtree(folder)
     convert.write_dicom_series(luna16.read_scan(
         scan_formats.find_scans(str(root / 'raw'))[uid].path), str(folder), uid, modality='MR')
-  _expect_one_line_error(setup, folder.parent, _candidates_of(root, {uid}, tmp_path),
+  _expect_one_line_error(dataset, folder.parent, _candidates_of(root, {uid}, tmp_path),
                          tmp_path / 'out', match)
 
 
-def test_a_candidate_outside_every_scan_is_refused(setup, tmp_path):
-  root = setup[1]
+def test_a_candidate_outside_every_scan_is_refused(dataset, tmp_path):
+  root = dataset[1]
   raw = root / 'raw' / 'subset0'
   uids = set(scan_formats.find_scans(str(raw)))
   uid = sorted(uids)[-1]
   unknown = _candidates_of(root, uids, tmp_path, [['1.2.3.999', '0', '0', '0', '0']])
-  _expect_one_line_error(setup, raw, unknown, tmp_path / 'out',
+  _expect_one_line_error(dataset, raw, unknown, tmp_path / 'out',
                          r'line \d+: seriesuid 1.2.3.999 names no scan')
   # Outside its scan's volume: found from the scan headers, before any scan is read.
   far = _candidates_of(root, uids, tmp_path, [[uid, '0', '0', '5000', '0']])
-  _expect_one_line_error(setup, raw, far, tmp_path / 'out',
+  _expect_one_line_error(dataset, raw, far, tmp_path / 'out',
                          rf'line \d+: candidate \(0.00, 0.00, 5000.00\) mm lies outside scan {uid}')
 
 
-def test_missing_inputs_and_checkpoint_are_refused(setup, tmp_path):
-  root = setup[1]
+def test_missing_inputs_and_checkpoint_are_refused(dataset, tmp_path):
+  root = dataset[1]
   raw = root / 'raw' / 'subset0'
   csv_path = _candidates_of(root, set(scan_formats.find_scans(str(raw))), tmp_path)
   out = tmp_path / 'out'
-  _expect_one_line_error(setup, tmp_path / 'nope', csv_path, out, 'scans folder .* does not exist')
+  expect = functools.partial(_expect_one_line_error, dataset, out=out)
+  expect(tmp_path / 'nope', csv_path, match='scans folder .* does not exist')
   (tmp_path / 'empty').mkdir()
-  _expect_one_line_error(setup, tmp_path / 'empty', csv_path, out, 'holds no scan')
-  _expect_one_line_error(setup, raw, tmp_path / 'nope.csv', out, 'candidates CSV .* does not exist')
-  _expect_one_line_error(setup, raw, csv_path, out, 'no checkpoint in .*train first',
-                         workdir=str(tmp_path / 'untrained'))
+  expect(tmp_path / 'empty', csv_path, match='holds no scan')
+  expect(raw, tmp_path / 'nope.csv', match='candidates CSV .* does not exist')
+  expect(raw, csv_path, match='no checkpoint in .*train first',
+         workdir=str(tmp_path / 'untrained'))
 
 
-def test_readme_command_scores_synthetic_scans_written_as_dicom(setup, tmp_path):
+def test_readme_command_scores_synthetic_scans_written_as_dicom(dataset, workdir, tmp_path):
   """The README's example: convert to DICOM with the CLI, then --mode=predict through main."""
-  config, root, workdir = setup
+  root = dataset[1]
   dicom = tmp_path / 'dicom'
   assert convert.main(['--format=dicom', f'--candidates={root / "raw" / "candidates_V2.csv"}',
                        str(root / 'raw' / 'subset0'), str(dicom)]) == 0

@@ -38,6 +38,7 @@ class ScanFile:
   format: str  # 'mhd', 'nifti' or 'dicom'
   path: str
   slices: tuple[str, ...] = ()
+  unreadable: tuple[str, ...] = ()  # DICOM-looking files of the folder that are in no series.
 
 
 def _stem(filename: str) -> tuple[str, str] | None:
@@ -65,7 +66,9 @@ def _looks_like_dicom(path: str) -> bool:
 
 def _dicom_series(folder: str, names: list[str]) -> ScanFile | None:
   """The one DICOM series of `folder` (None if it holds no DICOM file)."""
-  if not any(_looks_like_dicom(os.path.join(folder, n)) for n in names):
+  dicom_like = [os.path.join(folder, n) for n in names
+                if _looks_like_dicom(os.path.join(folder, n))]
+  if not dicom_like:
     return None
   series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
   if not series:
@@ -76,7 +79,9 @@ def _dicom_series(folder: str, names: list[str]) -> ScanFile | None:
         f'{", ..." if len(series) > 3 else ""}); move each series into a folder of its own')
   uid = series[0]
   slices = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
-  return ScanFile(uid, 'dicom', folder, slices)
+  in_series = {os.path.normpath(p) for p in slices}
+  unreadable = tuple(sorted({os.path.normpath(p) for p in dicom_like} - in_series))
+  return ScanFile(uid, 'dicom', folder, slices, unreadable)
 
 
 def find_scans(scans_dir: str,
@@ -222,9 +227,12 @@ def check_dicom_series(scan: ScanFile) -> Geometry:
     k = int(uneven[0])
     fix = ('a missing slice? restore it or remove the series' if gaps[k] > 1.5 * median else
            'resample the series evenly or remove it')
+    unreadable = (f' ({len(scan.unreadable)} file(s) of that folder, e.g. '
+                  f'{os.path.basename(scan.unreadable[0])}, are unreadable as DICOM)'
+                  if scan.unreadable else '')
     raise DicomSeriesError(
         f'{where}: uneven slice spacing, {gaps[k]:.4g} mm between slices {name(k)} and '
-        f'{name(k + 1)} against {median:.4g} mm elsewhere; {fix}')
+        f'{name(k + 1)} against {median:.4g} mm elsewhere{unreadable}; {fix}')
   lowest = int(np.argmin(along))
   direction = np.stack([orientations[0, :3], orientations[0, 3:], normal], axis=1)
   return _geometry((first[0][0], first[0][1], len(scan.slices)),
