@@ -38,7 +38,7 @@ SMALL = {
     'model.depth': 10,
     'model.width': 4,
     'train.global_batch_size': 16,
-    'train.eval_batch_size': 16,
+    'train.eval_batch_size': 8,  # Below the candidates of a scan: several batches per scan.
     'predict.montage_size': 2,
 }
 
@@ -108,6 +108,8 @@ def test_dicom_and_nifti_give_the_predictions_of_the_mhd_scans(dataset, workdir)
     rows += [[rename[r[0]][fmt]] + r[1:] for r in rows[:len(original)]]
   csv_path = _write_csv(root / 'mixed_candidates.csv', rows)
 
+  per_scan = np.unique([r[0] for r in rows], return_counts=True)[1]
+  assert per_scan.max() > SMALL['train.eval_batch_size']  # A scan's last batch is padded.
   found = scan_formats.find_scans(str(mixed))
   assert sorted(s.format for s in found.values()) == ['dicom'] * 4 + ['mhd'] * 4 + ['nifti'] * 4
   summary = predict.predict(_config(dataset, mixed, csv_path, root / 'out'), workdir)

@@ -21,7 +21,6 @@ NIFTI_SUFFIXES = ('.nii.gz', '.nii')
 SLICE_GAP_TOLERANCE = 0.01
 # DICOM tags (group|element), as SimpleITK names them.
 TAG_MODALITY = '0008|0060'
-TAG_SERIES_UID = '0020|000e'
 TAG_POSITION = '0020|0032'  # ImagePositionPatient: world (x, y, z) mm of the first voxel.
 TAG_ORIENTATION = '0020|0037'  # ImageOrientationPatient: row then column direction cosines.
 
