@@ -222,6 +222,7 @@ def test_a_folder_with_several_dicom_series_is_refused(dataset, tmp_path):
     ('uneven', r'uneven slice spacing.*resample the series evenly'),
     ('modality', r'has Modality MR .*not CT'),
     ('corrupt', r'0004.dcm, are unreadable as DICOM\); a missing slice'),
+    ('tilt', r'slice 0001.dcm is shifted 0.3 mm sideways from slice 0000.dcm \(gantry tilt'),
 ])
 def test_a_damaged_dicom_series_is_refused(dataset, tmp_path, damage, match):
   root = dataset[1]
@@ -232,18 +233,21 @@ def test_a_damaged_dicom_series_is_refused(dataset, tmp_path, damage, match):
   elif damage == 'corrupt':  # A slice file overwritten: the series reader leaves it out.
     with open(slices[4], 'wb') as f:
       f.write(b'\0' * 128 + b'DICM' + bytes(range(256)) * 2)
-  elif damage == 'uneven':  # One slice moved 0.3 gaps along z: its two gaps become uneven.
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(slices[10])
-    image = reader.Execute()
-    x, y, z = (float(v) for v in image.GetMetaData('0020|0032').split('\\'))
+  elif damage in ('uneven', 'tilt'):
+    # uneven: one slice moved 0.3 gaps along z; tilt: each slice 0.3 mm further along x.
     spacing_z = luna16.read_scan(scan_formats.find_scans(str(root / 'raw'))[uid].path
                                  ).GetSpacing()[2]
-    image.SetMetaData('0020|0032', f'{x}\\{y}\\{z + 0.3 * spacing_z:.4f}')
-    writer = sitk.ImageFileWriter()
+    moves = {10: (0, 0.3 * spacing_z)} if damage == 'uneven' else {
+        k: (0.3 * k, 0) for k in range(len(slices))}
+    reader, writer = sitk.ImageFileReader(), sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    writer.SetFileName(slices[10])
-    writer.Execute(image)
+    for k, (dx, dz) in moves.items():
+      reader.SetFileName(slices[k])
+      image = reader.Execute()
+      x, y, z = (float(v) for v in image.GetMetaData('0020|0032').split('\\'))
+      image.SetMetaData('0020|0032', f'{x + dx:.4f}\\{y}\\{z + dz:.4f}')
+      writer.SetFileName(slices[k])
+      writer.Execute(image)
   else:
     shutil.rmtree(folder)
     convert.write_dicom_series(luna16.read_scan(

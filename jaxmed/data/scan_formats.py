@@ -175,7 +175,8 @@ def _numbers(text: str, count: int, path: str, tag: str) -> np.ndarray:
 
 def check_dicom_series(scan: ScanFile) -> Geometry:
   """Checks from the slices' headers alone: Modality CT, one orientation, at least 2 slices,
-  evenly spaced along the slice normal (a missing slice shows as a double gap).
+  stacked along the slice normal (no gantry tilt), evenly spaced (a missing slice shows as a
+  double gap).
 
   Returns the volume's geometry as the series reader builds it (first slice = lowest along the
   normal). Raises DicomSeriesError naming the folder, the slice and the fix.
@@ -215,12 +216,26 @@ def check_dicom_series(scan: ScanFile) -> Geometry:
   normal = np.cross(orientations[0, :3], orientations[0, 3:])
   along = np.stack(positions) @ normal  # Each slice's position along the normal, mm.
   gaps = np.diff(along)
-  if np.any(gaps == 0) or not (np.all(gaps > 0) or np.all(gaps < 0)):
-    k = int(np.flatnonzero((gaps == 0) | (np.sign(gaps) != np.sign(gaps[0])))[0])
+  if np.any(gaps == 0):
+    k = int(np.flatnonzero(gaps == 0)[0])
     raise DicomSeriesError(f'{where}: slices {name(k)} and {name(k + 1)} lie at the same '
                            'position; remove the duplicate slice')
+  if not (np.all(gaps > 0) or np.all(gaps < 0)):
+    k = int(np.flatnonzero(np.sign(gaps) != np.sign(gaps[0]))[0])
+    raise DicomSeriesError(f'{where}: the series reader could not order the slices by position '
+                           f'(slice {name(k + 1)} after {name(k)}); check their '
+                           'ImagePositionPatient or remove the series')
   gaps = np.abs(gaps)
   median = float(np.median(gaps))
+  # Slices must stack along their normal: a sideways step (gantry tilt) would be read as a box.
+  steps = np.diff(np.stack(positions), axis=0)
+  sideways = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
+  if np.any(sideways > SLICE_GAP_TOLERANCE * median):
+    k = int(np.argmax(sideways > SLICE_GAP_TOLERANCE * median))
+    raise DicomSeriesError(
+        f'{where}: slice {name(k + 1)} is shifted {sideways[k]:.3g} mm sideways from slice '
+        f'{name(k)} (gantry tilt?); resample the series onto a grid along the slice normal or '
+        'remove it')
   uneven = np.flatnonzero(np.abs(gaps - median) > SLICE_GAP_TOLERANCE * median)
   if len(uneven):
     k = int(uneven[0])
