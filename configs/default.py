@@ -139,6 +139,13 @@ def get_config() -> ml_collections.ConfigDict:
   eval_.montage_size = 8  # Crops shown in each montage (top false positives, missed nodules).
   eval_.crossval_folds = tuple(range(10))  # --mode=crossval: subsets held out, one fold each.
 
+  # ---- scoring new scans (--mode=predict) -------------------------------------------------
+  config.predict = predict = ml_collections.ConfigDict()
+  predict.scans_dir = ''  # Folder of .mhd/.raw, .nii(.gz) files and DICOM series folders.
+  predict.candidates_csv = ''  # seriesuid,coordX,coordY,coordZ (world mm) [,class].
+  predict.output_dir = ''  # Where predictions.csv and montages go ('' = <workdir>/predict).
+  predict.montage_size = 4  # Top-scoring candidates shown per scan (0 = no montages).
+
   # ---- multi-host (jax.distributed) -------------------------------------------------------
   config.distributed = dist = ml_collections.ConfigDict()
   dist.coordinator_address = ''  # host:port of process 0; '' = environment or auto-detection.

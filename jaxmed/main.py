@@ -1,7 +1,7 @@
 """jaxmed's one entry point.
 
   python -m jaxmed.main --config=configs/mesh_2x4.py [--config.key=value ...] [--workdir=DIR]
-                        [--mode=train|eval|crossval|preprocess|synthesize]
+                        [--mode=train|eval|crossval|predict|preprocess|synthesize]
 """
 
 import logging as logging_std
@@ -21,7 +21,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None,
                                           f'Config file (default: {_DEFAULT_CONFIG}).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: workdirs/<config.name>).')
 _MODE = flags.DEFINE_enum('mode', 'train',
-                          ['train', 'eval', 'crossval', 'preprocess', 'synthesize'], 'What to do.')
+                          ['train', 'eval', 'crossval', 'predict', 'preprocess',
+                           'synthesize'], 'What to do.')
 
 
 class _LibraryInfoFilter(logging_std.Filter):
@@ -113,6 +114,9 @@ def main(argv):
     elif _MODE.value == 'crossval':
       from jaxmed import crossval
       crossval.run_crossval(config, workdir)
+    elif _MODE.value == 'predict':
+      from jaxmed import predict
+      predict.predict(config, workdir)
 
 if __name__ == '__main__':
   app.run(main, flags_parser=_parse_flags)
