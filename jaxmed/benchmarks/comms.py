@@ -17,17 +17,22 @@ from jaxmed.benchmarks.step import describe_run
 MESH_CONFIGS = ('mesh_8x1', 'mesh_2x4', 'mesh_1x8', 'fsdp_8', 'spatial_2x4')
 
 
-def compile_train_step(config) -> dict[str, Any]:
+def compile_train_step(config, devices=None) -> dict[str, Any]:
   """The production train step, sharded as the config says, compiled on abstract inputs.
 
-  Returns {'compiled', 'mesh', 'rules', 'abstract_state', 'compile_s'}.
+  devices: the devices of the mesh (default: all). Returns {'compiled', 'mesh', 'rules',
+  'abstract_state', 'compile_s'}.
   """
   import jax
   import jax.numpy as jnp
 
   from jaxmed import train
+  from jaxmed.parallel import mesh as mesh_lib
   from jaxmed.parallel import sharding as sharding_lib
-  mesh, rules = train.create_mesh_and_rules(config)
+  if devices is None:
+    mesh, rules = train.create_mesh_and_rules(config)
+  else:
+    mesh, rules = mesh_lib.create_mesh(config.mesh, devices), train.logical_rules(config)
   b, s = config.train.global_batch_size, config.data.stored_crop_size
   with sharding_lib.use_rules(mesh, rules):
     graphdef, abstract_state, shardings = train.abstract_train_state(config, mesh, rules)
@@ -59,16 +64,17 @@ def state_bytes_per_device(abstract_state) -> dict[str, int]:
       total += math.prod(shape) * leaf.dtype.itemsize
     return total
 
-  return {'parameters': shard_bytes(abstract_state['model'].filter(nnx.Param)),
+  return {'parameters': shard_bytes(nnx.filter_state(abstract_state['model'], nnx.Param)),
           'optimizer_state': shard_bytes(abstract_state['optimizer'])}
 
 
-def benchmark_comms(config) -> dict[str, Any]:
+def benchmark_comms(config, step: dict[str, Any] | None = None) -> dict[str, Any]:
   """Measured collective ring bytes per device per step, by kind, beside the analytic minimum;
-  and per-device memory (parameters, optimizer state, temporaries)."""
+  and per-device memory (parameters, optimizer state, temporaries). `step`: the output of
+  compile_train_step(config), when the caller has it already."""
   from jaxmed.parallel import collectives
   from jaxmed.parallel import communication
-  step = compile_train_step(config)
+  step = step or compile_train_step(config)
   compiled, mesh = step['compiled'], step['mesh']
   measured = collectives.summarize(collectives.parse_collectives(compiled.as_text()))
   plan = communication.trace_plan(config.model, config.data.crop_size,

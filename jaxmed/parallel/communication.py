@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmed.parallel import sharding as sharding_lib
+from jaxmed.parallel import spatial
 
 KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute')
 
@@ -60,6 +61,7 @@ class Layer:
   input_id: int  # layers reading the same activation share it
   reads_model_input: bool  # the crops themselves: no gradient flows back
   kernel_axes: tuple[Any, ...] = ()  # logical names of a conv kernel's dimensions
+  name: str = ''  # the kernel's path in the model ('blocks/2/conv1'), or 'max-pool'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,9 @@ def trace_plan(model_config: Any, crop_size: int, global_batch_size: int) -> Pla
     model.train()
     return model(crops)
 
-  variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  variables = jax.tree.leaves(state, is_leaf=is_variable)
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_variable)[0]]
   crops = jax.ShapeDtypeStruct((global_batch_size,) + (crop_size,) * 3 + (1,), np.float32)
   closed = jax.make_jaxpr(forward)(state, crops)
   jaxpr = closed.jaxpr
@@ -104,18 +108,20 @@ def trace_plan(model_config: Any, crop_size: int, global_batch_size: int) -> Pla
       lhs, rhs = eqn.invars
       (lo, hi), stride = eqn.params['padding'][0], eqn.params['window_strides'][0]
       param = param_of.get(rhs)
-      axes = ()
+      axes, name = (), 'conv'
       if param is not None:
         axes = tuple(variables[param].get_metadata().get(sharding_lib.LOGICAL_AXES_KEY) or ())
         conv_depths[param] = eqn.outvars[0].aval.shape[1]
+        name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in paths[param][:-1])
       layers.append(Layer('conv', lhs.aval.shape, eqn.outvars[0].aval.shape,
                           rhs.aval.shape[0], stride, (lo, hi), ids.setdefault(lhs, len(ids)),
-                          lhs in derived_from_input, axes))
+                          lhs in derived_from_input, axes, name))
     elif name == 'reduce_window_max':
       (lo, hi) = eqn.params['padding'][1]
       layers.append(Layer('pool', eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape,
                           eqn.params['window_dimensions'][1], eqn.params['window_strides'][1],
-                          (lo, hi), ids.setdefault(eqn.invars[0], len(ids)), False))
+                          (lo, hi), ids.setdefault(eqn.invars[0], len(ids)), False,
+                          name='max-pool'))
     elif name == 'reduce_sum' and len(eqn.invars[0].aval.shape) == 5:
       shape, axes = eqn.invars[0].aval.shape, tuple(eqn.params['axes'])
       if axes == (0, 1, 2, 3):
@@ -166,7 +172,7 @@ def minimum_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
     by_kind[kind] += nbytes
     by_axis[axis] += nbytes
 
-  def split(depth):
+  def split(depth):  # batch-norm statistics and pools: their depth divides
     return n_s > 1 and depth % n_s == 0
 
   # ---- gradients and fsdp weights
@@ -200,7 +206,7 @@ def minimum_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
     b, d, h, w, c_in = layer.input_shape
     _, d_out, h_out, w_out, c_out = layer.output_shape
     local_batch = b // n_b
-    is_split = split(d) and split(d_out)
+    is_split = spatial.splits(d, layer.kernel_depth, layer.stride_depth, n_s)
     depth_local, out_depth_local = (d // n_s, d_out // n_s) if is_split else (d, d_out)
     in_sharded = c_in % n_m == 0 and c_in > 1
     c_in_local = c_in // n_m if n_m > 1 and in_sharded else c_in
@@ -236,3 +242,25 @@ def minimum_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
           add('all-gather', 'spatial', _ring_gather(plane_in * d, n_s))
   return {'by_kind': by_kind, 'by_axis': by_axis, 'total': sum(by_kind.values()),
           'replicated_layers': replicated}
+
+
+def spatial_summary(model_config: Any, crop_size: int, global_batch_size: int,
+                    mesh_shape: dict[str, int]) -> str | None:
+  """One line: which layers split over the spatial axis and which run replicated, and why."""
+  devices = mesh_shape.get('spatial', 1)
+  if devices < 2:
+    return None
+  plan = trace_plan(model_config, crop_size, global_batch_size)
+  replicated = []
+  for layer in plan.layers:
+    depth, out = layer.input_shape[1], layer.output_shape[1]
+    if not spatial.splits(depth, layer.kernel_depth, layer.stride_depth, devices):
+      left, right = spatial.halo(depth, layer.kernel_depth, layer.stride_depth)
+      why = (f'depth {depth} -> {out} does not divide by {devices}'
+             if depth % devices or out % devices else
+             f'halo {max(left, right)} planes > {depth // devices} per device')
+      replicated.append(f'{layer.name} ({why})')
+  split = len(plan.layers) - len(replicated)
+  return (f'spatial parallelism over {devices} devices at {crop_size}^3: {split} of '
+          f'{len(plan.layers)} conv/pool layers split along depth; replicated: '
+          + ('none' if not replicated else ', '.join(replicated)))

@@ -93,15 +93,21 @@ def depth_parallel(op: Callable[[jax.Array, Any, tuple[int, int] | None], jax.Ar
     return op(x, params, None)
   axis, devices = found
   mesh = jax.sharding.get_abstract_mesh()
+  # The batch axes are manual too, so that a kernel gradient is summed over examples and depth
+  # slabs in one all-reduce, not over depth here and over examples after.
+  batch_axes = tuple(a for a in sharding_lib.mesh_axes_for('batch', mesh,
+                                                           sharding_lib.current_rules())
+                     if a != axis)
+  batch = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
   if splits(x.shape[1], kernel, stride, devices):
     left, right = halo(x.shape[1], kernel, stride)
 
     def local(x, params):
       return op(_with_halo(x, left, right, axis, devices, pad_value), params, (0, 0))
 
-    spec = PartitionSpec(None, axis)
+    spec = PartitionSpec(batch, axis)
   else:  # Replicated over the axis: the input is gathered (once) by shard_map's in_specs.
-    local, spec = (lambda x, params: op(x, params, None)), PartitionSpec()
+    local, spec = (lambda x, params: op(x, params, None)), PartitionSpec(batch)
   params_spec = jax.tree.map(lambda _: PartitionSpec(), params)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, params_spec), out_specs=spec,
-                       axis_names={axis})(x, params)
+                       axis_names={axis, *batch_axes})(x, params)
