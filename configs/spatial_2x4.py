@@ -1,7 +1,9 @@
 """Data parallel 2 x spatial parallel 4: each crop's depth (z) split over 4 devices.
 
-GSPMD inserts the halo exchange the convolutions need. Useful when one crop's activations do not
-fit a device (large crops, wide models).
+Each convolution and pool exchanges its halo planes with the neighbouring devices
+(jaxmed/parallel/spatial.py); layers whose depth does not divide by 4 run replicated, and the
+start-up log names them. Useful when one crop's activations do not fit a device (large crops,
+wide models): see configs/spatial_128.py.
 
   python -m jaxmed.main --config=configs/spatial_2x4.py
 """

@@ -197,3 +197,34 @@ def test_ring_bytes_compare_collectives_fairly():
   assert by_kind['all-reduce'].ring_bytes == 2 * 3 / 4 * 4000
   assert by_kind['all-gather'].ring_bytes == by_kind['reduce-scatter'].ring_bytes == 3 / 4 * 4000
   assert by_kind['collective-permute'].ring_bytes == 400
+
+
+def test_a_nominal_spatial_axis_is_caught(monkeypatch):
+  # The model split depth twice over: shard_map around every conv and pool, and the activation
+  # constraints between them (either alone still splits, GSPMD-style or by propagation). With
+  # both switched off the compiled program is still correct, replicated, and spatial does
+  # nothing: the checks above must say so.
+  from jaxmed.models import cnn3d
+  from jaxmed.models import resnet3d
+  from jaxmed.parallel import spatial
+  monkeypatch.setattr(spatial, 'depth_axis', lambda: None)
+  for module in (resnet3d, cnn3d):
+    monkeypatch.setattr(module, 'constrain', lambda x, *axes: x)
+  config = small_config(MESHES['data2_spatial4'])
+  step = comms.compile_train_step(config)
+  result = comms.benchmark_comms(config, step)
+  plan = communication.trace_plan(config.model, 32, 16)
+  assert stem_convolution_elements(step['compiled'].as_text()) > (
+      math.prod(plan.layers[0].output_shape) // 8)
+  assert result['collectives']['collective-permute']['ring_bytes'] < (
+      0.9 * result['minimum']['collective-permute'])
+
+
+def test_a_model_axis_without_activation_constraints_is_caught(monkeypatch):
+  from jaxmed.models import cnn3d
+  from jaxmed.models import resnet3d
+  for module in (resnet3d, cnn3d):
+    monkeypatch.setattr(module, 'constrain', lambda x, *axes: x)
+  config = small_config(MESHES['data2_model4'])
+  result = comms.benchmark_comms(config)
+  assert result['ratio'] > 1.1, result['ratio']

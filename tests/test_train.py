@@ -83,7 +83,9 @@ def test_tensor_parallel_shards_conv_outputs_and_their_adam_moments(tiny_config)
              if k.startswith('model/') and k.endswith('kernel') and v != P()}
   assert len(kernels) >= 8, specs
   for key, spec in kernels.items():
-    if len(spec) == 5:  # A conv kernel (kd, kh, kw, cin, cout): output channels over 'model'.
+    if key.endswith('conv2/kernel'):  # Row-parallel (Megatron's pair): input channels.
+      assert spec == P(None, None, None, 'model'), (key, spec)
+    elif len(spec) == 5:  # Column-parallel conv (kd, kh, kw, cin, cout): output channels.
       assert spec == P(None, None, None, None, 'model'), (key, spec)
     # AdamW's first and second moments follow their parameter.
     path = key.removeprefix('model/')

@@ -89,7 +89,14 @@ def benchmark_comms(config, step: dict[str, Any] | None = None) -> dict[str, Any
                   arguments=int(analysis.argument_size_in_bytes))
   except Exception:  # Not every backend reports it.
     pass
-  return {**describe_run(config), 'collectives': measured, 'measured_ring_bytes': measured_total,
+  from jaxmed.errors import UserError
+  from jaxmed.parallel import mesh as mesh_lib
+  try:
+    run = describe_run(config)
+  except UserError:  # A mesh on fewer devices than the host has (compile_train_step's devices).
+    run = {}
+  run.update(mesh=mesh_lib.describe(mesh), devices=mesh.size)
+  return {**run, 'collectives': measured, 'measured_ring_bytes': measured_total,
           'minimum': minimum['by_kind'], 'minimum_by_axis': minimum['by_axis'],
           'minimum_ring_bytes': minimum['total'],
           'ratio': measured_total / minimum['total'] if minimum['total'] else None,
@@ -113,15 +120,29 @@ def seed_model_config(mesh_config_name: str, crop_size: int, batch: int = 64):
   return config
 
 
-def benchmark_meshes(crop_sizes=(32, 64), configs=MESH_CONFIGS) -> dict[str, Any]:
-  """--what=comms for every shipped mesh config with the seed's ResNet-18, at each crop size."""
+def benchmark_meshes(crop_sizes=(32, 64), configs=MESH_CONFIGS,
+                     large_volume: bool = True) -> dict[str, Any]:
+  """--what=comms for every shipped mesh config with the seed's ResNet-18, at each crop size;
+  then configs/spatial_128.py as shipped and with its spatial axis set to 1 (the same examples
+  per data shard on 2 devices): what splitting depth does to per-device memory."""
+  import importlib
+
+  import jax
+  runs = [(name, seed_model_config(name, crop), None)
+          for crop in crop_sizes for name in configs]
+  if large_volume:
+    whole = importlib.import_module('configs.spatial_128').get_config()
+    whole.mesh.ici_spatial = 1
+    whole.name = 'spatial_128, spatial 1'
+    runs += [('spatial_128', importlib.import_module('configs.spatial_128').get_config(), None),
+             ('spatial_128 (spatial 1)', whole, jax.devices()[:2])]
   rows = []
-  for crop_size in crop_sizes:
-    for name in configs:
-      result = benchmark_comms(seed_model_config(name, crop_size))
-      rows.append({'config': name, 'crop_size': crop_size, **{
-          k: result[k] for k in ('mesh', 'collectives', 'measured_ring_bytes', 'minimum',
-                                 'minimum_ring_bytes', 'ratio', 'memory', 'replicated_layers',
-                                 'compile_s')}})
-      print(f"{name} {crop_size}^3: ratio {result['ratio']:.3f}", flush=True)
-  return {'rows': rows, 'devices': os.environ.get('XLA_FLAGS', '')}
+  for name, config, devices in runs:
+    result = benchmark_comms(config, compile_train_step(config, devices))
+    rows.append({'config': name, 'crop_size': config.data.crop_size, **{
+        k: result[k] for k in ('mesh', 'collectives', 'measured_ring_bytes', 'minimum',
+                               'minimum_ring_bytes', 'ratio', 'memory', 'replicated_layers',
+                               'compile_s')}})
+    ratio = '-' if result['ratio'] is None else f"{result['ratio']:.3f}"
+    print(f'{name} {config.data.crop_size}^3: ratio {ratio}', flush=True)
+  return {'rows': rows}
