@@ -41,9 +41,13 @@ TWO = {
     '2x4': {'mesh.dcn_data': 2, 'mesh.ici_data': 1, 'mesh.ici_model': 4},
     '8x1': {'mesh.dcn_data': 2, 'mesh.ici_data': 4},
     '1x8': {'mesh.dcn_model': 2, 'mesh.ici_model': 4, 'mesh.ici_data': 1},
+    # Depth halos are exchanged inside each process, gradients summed across both.
+    'spatial': {'mesh.dcn_data': 2, 'mesh.ici_data': 1, 'mesh.ici_spatial': 4},
 }
-DESCRIBED = {'2x4': 'data=2 x fsdp=1 x model=4', '8x1': 'data=8 x fsdp=1 x model=1',
-             '1x8': 'data=1 x fsdp=1 x model=8'}
+DESCRIBED = {'2x4': 'data=2 x fsdp=1 x model=4 x spatial=1',
+             '8x1': 'data=8 x fsdp=1 x model=1 x spatial=1',
+             '1x8': 'data=1 x fsdp=1 x model=8 x spatial=1',
+             'spatial': 'data=2 x fsdp=1 x model=1 x spatial=4'}
 
 
 def _args(tiny_dataset, *overrides):
@@ -141,14 +145,21 @@ def two_8x1(tiny_dataset, tmp_path_factory):
   return two_processes(_args(tiny_dataset, TWO['8x1']), workdir)
 
 
+@pytest.fixture(scope='module')
+def two_spatial(tiny_dataset, tmp_path_factory):
+  """2 processes, mesh data 2 x spatial 4 (dcn_data=2, ici_spatial=4), 6 steps."""
+  workdir = str(tmp_path_factory.mktemp('two_spatial') / 'run')
+  return two_processes(_args(tiny_dataset, TWO['spatial']), workdir)
+
+
 # ---- same numbers on any number of processes ---------------------------------------------------
 
-@pytest.mark.parametrize('mesh', ['2x4', '8x1'])
+@pytest.mark.parametrize('mesh', ['2x4', '8x1', 'spatial'])
 def test_two_processes_train_like_one_process(mesh, reference, request):
   workdir = request.getfixturevalue(f'two_{mesh}')
   assert_losses_match(losses(workdir), losses(reference), range(1, STEPS + 1))
   log0 = _log(workdir, 0)
-  assert f'mesh {DESCRIBED[mesh]} x spatial=1 on 8 cpu devices, 2 process(es)' in log0
+  assert f'mesh {DESCRIBED[mesh]} on 8 cpu devices, 2 process(es)' in log0
   # Every process says once who it is and which devices it has.
   for i in range(2):
     assert len(re.findall(rf'process {i} of 2 \(pid \d+ on .*\): 4 local devices .*, '
@@ -168,7 +179,7 @@ def test_checkpoint_of_one_process_continues_in_two_processes_on_1x8(reference, 
   workdir = with_checkpoint(reference, 1, str(tmp_path / 'run'))
   two_processes(_args(tiny_dataset, TWO['1x8']), workdir)
   assert 'resumed from step 1' in _log(workdir, 0)
-  assert f'mesh {DESCRIBED["1x8"]} x spatial=1 on 8 cpu devices, 2 process(es)' in _log(workdir, 0)
+  assert f'mesh {DESCRIBED["1x8"]} on 8 cpu devices, 2 process(es)' in _log(workdir, 0)
   assert_losses_match(losses(workdir), losses(reference), range(2, STEPS + 1))
 
 
