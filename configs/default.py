@@ -43,6 +43,11 @@ def get_config() -> ml_collections.ConfigDict:
   data.positive_fraction = 0.5  # Fraction of positives in every training batch.
   data.workers = 0  # Grain worker processes per host (0 = read in the main process).
   data.prefetch = 2  # Batches each worker prepares ahead (Grain per_worker_buffer_size).
+  # Where training/evaluation crops come from: 'none' (the HDF5 file, every step), 'host' (read
+  # once into shared host RAM that the workers map) or 'device' (read once into device memory,
+  # rows split over every device; each batch gathered on the devices, no host I/O per step).
+  data.cache = 'none'
+  data.cache_max_bytes_per_device = 0  # cache='device': refuse above this (0 = free memory).
   data.hu_window = (-1000.0, 400.0)  # HU mapped linearly onto [0, 1], clipped.
 
   # Synthetic LUNA16-format scans (--mode=synthesize, and auto_prepare).
