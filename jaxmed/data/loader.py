@@ -15,6 +15,7 @@ Batches leave the host as int16 crops; normalisation and augmentation run on the
 from __future__ import annotations
 
 import atexit
+import sys
 import weakref
 from collections.abc import Iterable
 
@@ -137,9 +138,11 @@ class _EvalBatchLoader:
 
 
 def _ensure_absl_flags_parsed() -> None:
-  # Grain's worker start reads absl flags; outside absl.app.run (tests, notebooks) none are parsed.
+  # Starting workers, Grain reads one of its absl flags (worker profiling) in this process;
+  # outside absl.app.run (tests, notebooks) nothing parsed them: parse the program name alone,
+  # which gives every flag its default and leaves the command line to its owner.
   if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+    flags.FLAGS(sys.argv[:1] or ['jaxmed'])
 
 
 def _prefetched(dataset: grain.MapDataset, workers: int, prefetch: int) -> grain.IterDataset:
