@@ -142,6 +142,10 @@ def get_config() -> ml_collections.ConfigDict:
   dist.num_processes = 0  # 0 = from the environment / auto-detection (1 if nothing found).
   dist.process_id = -1  # -1 = from the environment / auto-detection.
   dist.initialization_timeout_s = 300  # Seconds to wait for every process to join.
-  dist.heartbeat_timeout_s = 60  # A process silent this long is declared lost.
+  # A process silent this long is declared lost; JAX then ends the others (jax.distributed's
+  # heartbeat_timeout_seconds).
+  dist.heartbeat_timeout_s = 60
+  # At exit, how long a process waits for the others in jax.distributed's shutdown barrier.
+  dist.shutdown_timeout_s = 300
   dist.cpu_devices = 0  # CPU-only runs: virtual devices per process (0 = as the mesh needs).
   return config
