@@ -315,6 +315,52 @@ def test_silent_process_is_named_by_the_heartbeat(tmp_path):
   assert elapsed < 60, elapsed
 
 
+# ---- every host checks its own crops file ------------------------------------------------------
+
+_OWN_CROPS_FILE = """
+import os, socket, sys
+from configs import default
+from jaxmed.errors import exit_with_one_line
+from jaxmed.parallel import distributed
+config = default.get_config()
+config.distributed.cpu_devices = 1
+config.data.auto_prepare = False
+with exit_with_one_line():
+  distributed.initialize(config)
+  import jax
+  from jaxmed.data import prepare
+  # Each process's own path, as if process 1's host had no copy of the file.
+  config.data.crops_file = sys.argv[1 + jax.process_index()]
+  print('crops:', prepare.ensure_crops_file(config), 'on', socket.gethostname(), flush=True)
+"""
+
+
+def test_a_host_without_the_crops_file_is_named(tiny_dataset, tmp_path):
+  import socket
+  missing = str(tmp_path / 'not_copied_here' / 'crops.h5')
+  cmd = ['bash', LAUNCHER, '-n', '2', '-d', '0', '-t', '120', '-g', '5', '-l',
+         str(tmp_path / 'logs'), '--', sys.executable, '-c', _OWN_CROPS_FILE,
+         tiny_dataset['data.crops_file'], missing]
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  line = (f'jaxmed: error: crops file {missing} does not exist on host {socket.gethostname()} '
+          '(process 1 of 2); every process reads its own copy: put the same file at that path on '
+          "every host's local disk, or on storage every host shares (see launch/README.md)")
+  for i in range(2):  # Both stop, with the same line: process 0 has its copy but never trains.
+    log = (tmp_path / 'logs' / f'process_{i}.log').read_text()
+    assert log.rstrip().splitlines()[-1] == line, log[-3000:]
+    assert 'crops:' not in log
+
+  # With a copy on both "hosts", each process checks its own and goes on.
+  both = [tiny_dataset['data.crops_file'], str(tmp_path / 'copy.h5')]
+  shutil.copy(both[0], both[1])
+  cmd[cmd.index(missing)] = both[1]
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for i in range(2):
+    assert 'crops: ' in (tmp_path / 'logs' / f'process_{i}.log').read_text()
+
+
 # ---- SLURM: one task per node owns every GPU of the node ---------------------------------------
 
 def test_slurm_one_task_per_node_takes_every_visible_gpu(monkeypatch):
