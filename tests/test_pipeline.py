@@ -331,8 +331,10 @@ def test_workers_exit_without_leaks(config, tmp_path):
 
 def test_benchmark_input_reports_rates(config):
   results = input_benchmark.benchmark_input(config, crop_sizes=(6,), workers=(0,),
-                                            seconds=0.05, file_mb=1)
+                                            seconds=0.05, file_mb=1,
+                                            caches=('none', 'host', 'device'))
   assert {r['mode'] for r in results} == {'h5py', 'loader', 'loader+augment'}
+  assert {r['cache'] for r in results if r['mode'] == 'loader'} == {'none', 'host', 'device'}
   assert all(r['crops_per_s'] > 0 and r['stored_size'] == STORED for r in results)
 
 

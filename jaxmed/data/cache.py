@@ -140,7 +140,7 @@ class DeviceCrops:
 
   def _read(self, source: CropsSource, rows_slice: slice) -> np.ndarray:
     """This device's slice of the table, read from the file (zero rows past the end)."""
-    start, stop = rows_slice.start or 0, rows_slice.stop
+    start, stop, _ = rows_slice.indices(self.rows_per_device * self.mesh.devices.size)
     out = np.zeros((stop - start,) + self.crop_shape, np.int16)
     wanted = self.rows[start:stop]
     for first in range(0, len(wanted), _READ_ROWS):
