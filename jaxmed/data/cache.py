@@ -121,6 +121,10 @@ class DeviceCrops:
     self.bytes_per_device = self.rows_per_device * math.prod(self.crop_shape) * 2
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     free = _free_device_bytes(local)
+    if jax.process_count() > 1:  # Every process decides alike: the least free of all of them.
+      from jax.experimental import multihost_utils
+      frees = np.asarray(multihost_utils.process_allgather(np.int64(-1 if free is None else free)))
+      free = int(frees[frees >= 0].min()) if (frees >= 0).any() else None
     limit = limit_bytes if limit_bytes > 0 else free
     if limit is not None and self.bytes_per_device > limit:
       what = 'data.cache_max_bytes_per_device' if limit_bytes > 0 else 'free on the device'
