@@ -129,3 +129,14 @@ def test_ring_refuses_a_lapped_slot(tmp_path):
   np.testing.assert_array_equal(ring.take(6), np.full((2, 3), 6))
   ring.close()
   assert not list(tmp_path.iterdir())
+
+
+def test_training_from_the_device_cache_is_training_from_the_file(tiny_config):
+  # The same batches give the same on-device augmentation, so the same losses, bit for bit
+  # (data 2 x model 4: the crops are gathered over all 8 devices, the batch split over data).
+  # The file run is test_train's own (shared, compiled once per session).
+  from test_train import MESHES, STEPS, _set_mesh, mesh_run, run_steps
+  from_file, _ = mesh_run('data2_model4', tiny_config)
+  config = _set_mesh(tiny_config(data__cache='device'), MESHES['data2_model4'])
+  from_cache, _ = run_steps(config, STEPS)
+  np.testing.assert_array_equal(from_cache, from_file)

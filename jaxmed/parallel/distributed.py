@@ -39,7 +39,7 @@ import jax
 from absl import app
 from absl import logging
 
-from jaxmed.errors import ConfigError
+from jaxmed.errors import ConfigError, UserError
 
 def cpu_devices_needed(config) -> int:
   """Virtual CPU devices this process should expose: enough for the configured mesh.
@@ -186,8 +186,8 @@ class _LostProcessHandler(app.ExceptionHandler):
     self.heartbeat_timeout_s = heartbeat_timeout_s
 
   def wants(self, exc):
-    return (isinstance(exc, Exception) and jax.process_count() > 1
-            and bool(_COLLECTIVE_FAILURE.search(str(exc))))
+    return (isinstance(exc, Exception) and not isinstance(exc, UserError)
+            and jax.process_count() > 1 and bool(_COLLECTIVE_FAILURE.search(str(exc))))
 
   def handle(self, exc):
     logging.flush()
