@@ -308,7 +308,8 @@ def _available_host_bytes() -> int | None:
 def shared_memory_dir(nbytes: int) -> str:
   """/dev/shm (RAM) when it has room for `nbytes`, else the temporary directory."""
   if os.path.isdir('/dev/shm') and os.access('/dev/shm', os.W_OK):
-    if os.statvfs('/dev/shm').f_bavail * os.statvfs('/dev/shm').f_frsize > nbytes:
+    stat = os.statvfs('/dev/shm')  # Containers often mount a small one (Docker: 64 MB).
+    if stat.f_bavail * stat.f_frsize > nbytes:
       return '/dev/shm'
   return tempfile.gettempdir()
 

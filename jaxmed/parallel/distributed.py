@@ -41,6 +41,7 @@ from absl import logging
 
 from jaxmed.errors import ConfigError, UserError
 
+
 def cpu_devices_needed(config) -> int:
   """Virtual CPU devices this process should expose: enough for the configured mesh.
 
