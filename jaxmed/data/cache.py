@@ -127,12 +127,13 @@ class DeviceCrops:
       free = int(frees[frees >= 0].min()) if (frees >= 0).any() else None
     limit = limit_bytes if limit_bytes > 0 else free
     if limit is not None and self.bytes_per_device > limit:
-      what = 'data.cache_max_bytes_per_device' if limit_bytes > 0 else 'free on the device'
+      room = (f'data.cache_max_bytes_per_device allows {_fmt_bytes(limit)}' if limit_bytes > 0
+              else f'a device has {_fmt_bytes(limit)} free')
       raise CacheError(
           f'the device crops cache needs {_fmt_bytes(self.bytes_per_device)} per device '
           f'({len(self.rows)} crops of {self.crop_shape} int16 over {num_devices} devices) but '
-          f'{_fmt_bytes(limit)} is {what}; use --config.data.cache=host (host RAM) or none '
-          '(read from the file), or more devices')
+          f'{room}; use --config.data.cache=host (host RAM) or none (read from the file), or '
+          'more devices')
     shape = (self.rows_per_device * num_devices,) + self.crop_shape
     self.table = jax.make_array_from_callback(
         shape, NamedSharding(mesh, PartitionSpec(self._axes)),
