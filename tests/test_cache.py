@@ -1,6 +1,7 @@
 """The crops caches (config.data.cache = 'host' | 'device') and the Grain workers' batch ring give
-the batches of the plain in-process Grain path, bit for bit, on 8 CPU devices; the device cache
-refuses, in one line, a cache that does not fit.
+the batches of the plain in-process Grain path, bit for bit, on 8 CPU devices, so training from
+the device cache gives the losses of training from the file; the device cache refuses, in one
+line, a cache that does not fit.
 
 The crops file is test_pipeline's: crop i is filled with the value i.
 """
