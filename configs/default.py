@@ -48,6 +48,11 @@ def get_config() -> ml_collections.ConfigDict:
   data.positive_fraction = 0.5  # Fraction of positives in every training batch.
   data.workers = 0  # Grain worker processes per host (0 = read in the main process).
   data.prefetch = 2  # Batches each worker prepares ahead (Grain per_worker_buffer_size).
+  # Where training/evaluation crops come from: 'none' (the HDF5 file, every step), 'host' (read
+  # once into shared host RAM that the workers map) or 'device' (read once into device memory,
+  # rows split over every device; each batch gathered on the devices, no host I/O per step).
+  data.cache = 'none'
+  data.cache_max_bytes_per_device = 0  # cache='device': refuse above this (0 = free memory).
   data.hu_window = (-1000.0, 400.0)  # HU mapped linearly onto [0, 1], clipped.
 
   # Synthetic LUNA16-format scans (--mode=synthesize, and auto_prepare).
@@ -152,6 +157,10 @@ def get_config() -> ml_collections.ConfigDict:
   dist.num_processes = 0  # 0 = from the environment / auto-detection (1 if nothing found).
   dist.process_id = -1  # -1 = from the environment / auto-detection.
   dist.initialization_timeout_s = 300  # Seconds to wait for every process to join.
-  dist.heartbeat_timeout_s = 60  # A process silent this long is declared lost.
+  # A process silent this long is declared lost; JAX then ends the others (jax.distributed's
+  # heartbeat_timeout_seconds).
+  dist.heartbeat_timeout_s = 60
+  # At exit, how long a process waits for the others in jax.distributed's shutdown barrier.
+  dist.shutdown_timeout_s = 300
   dist.cpu_devices = 0  # CPU-only runs: virtual devices per process (0 = as the mesh needs).
   return config

@@ -9,11 +9,13 @@ WHAT (each prints a short table and writes WORKDIR/benchmark_<what>.json):
               analytic model FLOPs (flops.model_flops), TFLOP/s, MFU against a matmul peak
               measured in the same run (bf16 on accelerators for a bf16 model, else f32),
               compile time and peak device memory.
-  input       crops/s of the Grain loader alone and with augmentation (benchmarks/input.py).
+  input       crops/s of the Grain loader alone and with augmentation (benchmarks/input.py),
+              per worker count (--workers=0,1,2) and crops cache (--caches=none,host,device).
   e2e         training fed from the HDF5 crops file (loader.make_train_iterator, as the train
               loop does it) against the step rate on synthetic input: the fraction kept.
               Uses config.data.crops_file when it exists (or auto_prepare builds it), else
               writes a synthetic crops file of the stored crop size into the workdir.
+              --config.data.cache=none|host|device picks the input path.
   compare     the step above, then the same architecture in PyTorch eager
               (models/resnet3d_torch.py; AMP bf16 + channels_last_3d + cudnn.benchmark on CUDA,
               float32 on CPU), same shapes and batch, same process; both and their ratio.
@@ -67,13 +69,15 @@ _SECONDS = flags.DEFINE_float('seconds', 5.0, 'input: seconds per measurement.')
 _WORKERS = flags.DEFINE_string('workers', '', 'input: comma-separated Grain worker counts '
                                '(default: 0 and config.data.workers).')
 _CROP_SIZES = flags.DEFINE_string('crop_sizes', '32,64', 'meshes: crop edges to compile for.')
+_CACHES = flags.DEFINE_string('caches', '', 'input: comma-separated crops caches to measure, of '
+                              'none, host, device (default: config.data.cache).')
 _PEAK_SIZE = flags.DEFINE_integer('peak_size', 0, 'Matmul edge for the peak (0: 8192 on '
                                   'accelerators, 1024 on CPU).')
 
 
 def run(what: str, config, workdir: str, *, steps: int = 10, warmup: int = 3, repeats: int = 3,
         seconds: float = 5.0, workers: Sequence[int] = (), peak_size: int = 0,
-        crop_sizes: Sequence[int] = (32, 64)) -> dict:
+        crop_sizes: Sequence[int] = (32, 64), caches: Sequence[str] = ()) -> dict:
   """Runs one benchmark, writes workdir/benchmark_<what>.json, prints its table; returns it."""
   os.makedirs(workdir, exist_ok=True)
   if what == 'step':
@@ -82,7 +86,8 @@ def run(what: str, config, workdir: str, *, steps: int = 10, warmup: int = 3, re
     from jaxmed.benchmarks import input as input_bench  # Loads JAX and Grain: only when asked.
     workers = tuple(workers) or tuple(sorted({0, int(config.data.workers)}))
     rows = input_bench.benchmark_input(config, crop_sizes=(config.data.crop_size,),
-                                       workers=workers, seconds=seconds)
+                                       workers=workers, seconds=seconds,
+                                       caches=tuple(caches) or (config.data.cache,))
     result = {**step_bench.describe_run(config), 'rows': rows}
   elif what == 'e2e':
     result = e2e_bench.benchmark_e2e(config, workdir, steps, warmup, repeats)
@@ -132,9 +137,10 @@ def main(argv):
   with exit_with_one_line():
     distributed.initialize(config)
     workers = tuple(int(w) for w in _WORKERS.value.split(',') if w.strip())
+    caches = tuple(c.strip() for c in _CACHES.value.split(',') if c.strip())
     run(_WHAT.value, config, workdir, steps=_STEPS.value, warmup=_WARMUP.value,
         repeats=_REPEATS.value, seconds=_SECONDS.value, workers=workers,
-        peak_size=_PEAK_SIZE.value,
+        peak_size=_PEAK_SIZE.value, caches=caches,
         crop_sizes=tuple(int(c) for c in _CROP_SIZES.value.split(',') if c.strip()))
 
 

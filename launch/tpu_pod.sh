@@ -3,7 +3,7 @@
 #
 #   export TPU_NAME=my-v5p-64 ZONE=us-east5-a PROJECT=my-gcp-project
 #   launch/tpu_pod.sh setup                          # once: code + venv with '.[tpu]' on all workers
-#   CONFIG=configs/default.py WORKDIR=/mnt/shared/runs/r1 launch/tpu_pod.sh run \
+#   CONFIG=configs/default.py SHARED_DIR=/mnt/shared launch/tpu_pod.sh run \
 #       --config.train.steps=5000                    # extra args go to jaxmed.main
 #   launch/tpu_pod.sh stop                           # kill a leftover jaxmed on every worker
 #
@@ -20,8 +20,11 @@
 #          session keeps the TPU busy: "TPU in use by another process").
 #
 # Environment: TPU_NAME, ZONE, PROJECT (required); CONFIG (default configs/default.py);
-# WORKDIR (default workdirs/<TPU_NAME>; for checkpoints that every worker can restore, use a
-# directory all workers share, e.g. a Filestore/NFS mount); REPO_DIR on the workers (default
+# WORKDIR, a directory every worker shares (Orbax multi-host checkpoints need one shared
+# directory), default SHARED_DIR/workdirs/<TPU_NAME>: `run` needs WORKDIR or SHARED_DIR, the
+# path where every worker mounts the same storage (a Filestore/NFS share, or a Cloud Storage
+# bucket mounted with gcsfuse); the crops file (--config.data.crops_file) must exist on every
+# worker: a copy on each worker's disk, or on the shared mount; REPO_DIR on the workers (default
 # jaxmed, relative to the home directory); REPO_URL / REPO_REF for setup; COORDINATOR_PORT
 # (default 8476); DRY_RUN=1 prints the gcloud commands instead of running them.
 #
@@ -54,7 +57,14 @@ if (( ${#missing[@]} )); then
 fi
 
 CONFIG="${CONFIG:-configs/default.py}"
-WORKDIR="${WORKDIR:-workdirs/$TPU_NAME}"
+SHARED_DIR="${SHARED_DIR:-}"
+if [[ "$SUBCOMMAND" == run && -z "${WORKDIR:-}" && -z "$SHARED_DIR" ]]; then
+  echo "$PROG: set SHARED_DIR (where every worker mounts the same storage: Filestore/NFS," \
+       "or a bucket mounted with gcsfuse) or WORKDIR (a directory every worker shares):" \
+       "Orbax multi-host checkpoints need one shared directory" >&2
+  exit 2
+fi
+WORKDIR="${WORKDIR:-$SHARED_DIR/workdirs/$TPU_NAME}"
 REPO_DIR="${REPO_DIR:-jaxmed}"
 REPO_URL="${REPO_URL:-}"
 REPO_REF="${REPO_REF:-}"

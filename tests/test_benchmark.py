@@ -108,11 +108,12 @@ def test_step_from_the_command_line_writes_its_json(tmp_path):
 
 
 def test_e2e_on_a_synthetic_crops_file_reports_the_fraction_of_the_step(tmp_path):
-  config = bench_config(data__auto_prepare=False,
+  config = bench_config(data__auto_prepare=False, data__cache='device',
                         data__crops_file=str(tmp_path / 'missing.h5'))
   result = benchmark.run('e2e', config, str(tmp_path), steps=2, warmup=1, repeats=1,
                          peak_size=128)
-  assert result['crops_file'].startswith(str(tmp_path))
+  assert result['crops_file'].startswith(str(tmp_path)) and result['cache'] == 'device'
+  assert 'cache=device' in tables.format_table('e2e', tables.table_rows('e2e', result))
   assert result['e2e_samples_per_s'] > 0 and result['step_samples_per_s'] > 0
   assert result['fraction_of_step'] == pytest.approx(
       result['e2e_samples_per_s'] / result['step_samples_per_s'])

@@ -202,6 +202,27 @@ def test_tpu_pod_runs_the_same_command_on_every_worker(tmp_path):
       '--config.name=a b', "--config.x=it's"]
 
 
+def test_tpu_pod_workdir_is_shared_storage(tmp_path):
+  fake = tmp_path / 'bin'
+  fake.mkdir()
+  marker = tmp_path / 'gcloud_called'
+  _write_exe(fake / 'gcloud', f'#!/bin/sh\ntouch {marker}\n')
+  env = _env(PATH=f'{fake}:{os.environ["PATH"]}', TPU_NAME='my-tpu', ZONE='z', PROJECT='p')
+  for name in ('WORKDIR', 'SHARED_DIR'):
+    env.pop(name, None)
+  # No shared storage named: one line, nothing started (a per-worker workdir cannot checkpoint).
+  proc = subprocess.run(['bash', TPU, 'run'], env=env, capture_output=True, text=True,
+                        timeout=30)
+  assert proc.returncode == 2 and not marker.exists()
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert 'SHARED_DIR' in proc.stderr and 'WORKDIR' in proc.stderr
+  # SHARED_DIR gives the default workdir under it.
+  proc = subprocess.run(['bash', TPU, 'run'], env={**env, 'DRY_RUN': '1', 'SHARED_DIR': '/mnt/s'},
+                        capture_output=True, text=True, timeout=30)
+  assert proc.returncode == 0, proc.stderr
+  assert '--workdir=/mnt/s/workdirs/my-tpu' in proc.stdout
+
+
 def test_tpu_pod_setup_installs_the_tpu_extra_on_every_worker(tmp_path):
   env = _env(DRY_RUN='1', TPU_NAME='my-tpu', ZONE='z', PROJECT='p',
              REPO_URL='https://example.com/jaxmed.git', REPO_REF='main')

@@ -332,13 +332,15 @@ def test_workers_exit_without_leaks(config, tmp_path):
 
 def test_benchmark_input_reports_rates(config):
   results = input_benchmark.benchmark_input(config, crop_sizes=(6,), workers=(0,),
-                                            seconds=0.05, file_mb=1)
+                                            seconds=0.05, file_mb=1,
+                                            caches=('none', 'host', 'device'))
   assert {r['mode'] for r in results} == {'h5py', 'loader', 'loader+augment'}
+  assert {r['cache'] for r in results if r['mode'] == 'loader'} == {'none', 'host', 'device'}
   assert all(r['crops_per_s'] > 0 and r['stored_size'] == STORED for r in results)
 
 
 PROCESS_SCRIPT = """
-import json, os, sys
+import itertools, json, os, sys
 os.environ['JAX_PLATFORMS'] = 'cpu'
 import jax
 jax.config.update('jax_num_cpu_devices', 4)
@@ -360,12 +362,13 @@ devices = np.array(jax.devices()).reshape(2, 4)  # Row p: the devices of process
 meshes = {'data_across': devices.reshape(2, 4, 1, 1),  # Data axis spans the processes.
           'model_across': devices.T.reshape(4, 1, 2, 1)}  # Model axis spans them.
 held = {}
-for name, mesh_devices in meshes.items():
+for (name, mesh_devices), cache in itertools.product(meshes.items(), ('none', 'device')):
+  config.data.cache = cache
   mesh = Mesh(mesh_devices, ('data', 'fsdp', 'model', 'spatial'))
   with loader.make_train_iterator(config, NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))),
                                   2) as batches:
     batch = next(batches)
-  held[name] = {int(position): [int(shard_row), int(crop[0, 0, 0])]
+  held[f'{name}/{cache}'] = {int(position): [int(shard_row), int(crop[0, 0, 0])]
                 for row_shard, crop_shard in zip(batch['row'].addressable_shards,
                                                  batch['crops'].addressable_shards)
                 for position, shard_row, crop in zip(range(16)[row_shard.index[0]],
@@ -400,10 +403,12 @@ def test_two_real_processes_hold_their_rows_of_the_global_batch(config, tmp_path
   held = [json.loads(out.read_text()) for out in outs]
   positive, negative = train_rows(config)
   expected = sampling.train_batch_rows(7, 2, BATCH, positive, negative, POSITIVE_FRACTION)
-  data = [{int(k): v for k, v in h['data_across'].items()} for h in held]
-  assert set(data[0]) == set(range(BATCH // 2)) and set(data[1]) == set(range(BATCH // 2, BATCH))
-  model = [{int(k): v for k, v in h['model_across'].items()} for h in held]
-  assert model[0] == model[1] and set(model[0]) == set(range(BATCH))
-  for held_rows in data + model:
-    for position, (row, crop_value) in held_rows.items():
-      assert row == crop_value == expected[position]
+  for cache in ('none', 'device'):  # The Grain path, and crops gathered from the device cache.
+    data = [{int(k): v for k, v in h[f'data_across/{cache}'].items()} for h in held]
+    assert set(data[0]) == set(range(BATCH // 2))
+    assert set(data[1]) == set(range(BATCH // 2, BATCH))
+    model = [{int(k): v for k, v in h[f'model_across/{cache}'].items()} for h in held]
+    assert model[0] == model[1] and set(model[0]) == set(range(BATCH))
+    for held_rows in data + model:
+      for position, (row, crop_value) in held_rows.items():
+        assert row == crop_value == expected[position]

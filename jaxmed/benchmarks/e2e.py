@@ -63,7 +63,8 @@ def benchmark_e2e(config, workdir: str, steps: int = 10, warmup: int = 3,
   """Training fed from the crops file, step by step as train.py's loop does, vs the step alone.
 
   The loop waits on each step's metrics and then takes the next batch, exactly as train.py;
-  input_wait_fraction is the share of the time spent in next(iterator).
+  input_wait_fraction is the share of the time spent in next(iterator). config.data.cache picks
+  the input: the HDF5 file through Grain ('none'), host RAM ('host') or device memory ('device').
   """
   import jax
 
@@ -91,7 +92,8 @@ def benchmark_e2e(config, workdir: str, steps: int = 10, warmup: int = 3,
     iterator.close()
   samples = config.train.global_batch_size / seconds
   return {**describe_run(config), 'crops_file': config.data.crops_file,
-          'data_workers': config.data.workers, 'e2e_samples_per_s': samples,
+          'cache': config.data.cache, 'data_workers': config.data.workers,
+          'e2e_samples_per_s': samples,
           'step_samples_per_s': step_result['samples_per_s'],
           'fraction_of_step': samples / step_result['samples_per_s'],
           'input_wait_fraction': waited / (seconds * total), 'e2e_steps': total,

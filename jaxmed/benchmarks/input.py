@@ -1,5 +1,5 @@
-"""--what=input: crops/s of the Grain training input (jaxmed/data/loader.py) alone and with
-on-device augmentation, against plain h5py reads of single crops."""
+"""--what=input: crops/s of the training input (jaxmed/data/loader.py: Grain workers, or a crops
+cache) alone and with on-device augmentation, against plain h5py reads of single crops."""
 
 from __future__ import annotations
 
@@ -29,14 +29,15 @@ def _rate(run_batch, seconds: float, crops_per_batch: int) -> tuple[float, int]:
 
 def benchmark_input(config, crop_sizes: Sequence[int] = (32, 64),
                     workers: Sequence[int] = (0, 1, 2), seconds: float = 5.0,
-                    file_mb: int = 256) -> list[dict]:
+                    file_mb: int = 256, caches: Sequence[str] = ('none',)) -> list[dict]:
   """Crops/s of the training input alone and with on-device augmentation.
 
   For each crop size c a temporary crops file is written with stored edge
   ceil(c * stored_crop_size / crop_size) (the config's margin ratio) and at most `file_mb` MB
   (page cache warm, like a file read repeatedly). Rows: one 'h5py' row per size (plain random
   reads of single crops in this process, the reader's ceiling) and, per worker count, 'loader'
-  (global int16 batches on the devices) and 'loader+augment' (plus jitted augment_crops, waited on).
+  (global int16 batches on the devices) and 'loader+augment' (plus jitted augment_crops, waited on),
+  for each of `caches` (config.data.cache; 'device' once, with 0 workers: it has none).
   Batches are config.train.global_batch_size crops over a 1-D mesh of the local devices.
   """
   results = []
@@ -66,7 +67,10 @@ def benchmark_input(config, crop_sizes: Sequence[int] = (32, 64),
       augment = jax.jit(functools.partial(
           augment_lib.augment_crops, seed=config.seed, aug_config=config.data.augment,
           crop_size=crop_size, hu_window=tuple(config.data.hu_window)))
-      for num_workers in workers:
+      runs = [(cache, num_workers) for cache in caches if cache != 'device'
+              for num_workers in workers] + [('device', 0)] * ('device' in caches)
+      for cache, num_workers in runs:
+        bench_config.data.cache = cache
         bench_config.data.workers = num_workers
         with make_train_iterator(bench_config, batch_sharding) as batches_it:
           step = [0]
@@ -82,6 +86,6 @@ def benchmark_input(config, crop_sizes: Sequence[int] = (32, 64),
           load_and_augment()  # Start the workers and compile outside the timing.
           for mode, run_batch in (('loader', load), ('loader+augment', load_and_augment)):
             rate, batches = _rate(run_batch, seconds, global_batch_size)
-            results.append(dict(common, workers=num_workers, mode=mode, crops_per_s=rate,
-                                batches=batches))
+            results.append(dict(common, workers=num_workers, mode=mode, cache=cache,
+                                crops_per_s=rate, batches=batches))
   return results

@@ -66,7 +66,7 @@ def table_rows(what: str, r: dict) -> list[tuple[str, str]]:
              ('step alone', f"{r['step_samples_per_s']:,.1f} samples/s"),
              ('end to end', f"{r['e2e_samples_per_s']:,.1f} samples/s "
                             f"({100 * r['fraction_of_step']:.1f} % of the step, "
-                            f"{r['data_workers']} Grain workers)"),
+                            f"cache={r.get('cache', 'none')}, {r['data_workers']} Grain workers)"),
              ('input wait', f"{100 * r['input_wait_fraction']:.1f} % of the time")]
   elif what == 'comms':
     rows.append(('collective', 'measured ring bytes/device (ops) | analytic minimum'))
@@ -100,7 +100,9 @@ def table_rows(what: str, r: dict) -> list[tuple[str, str]]:
              ('view', r['view'])]
   elif what == 'input':
     for row in r['rows']:
-      rows.append((f"{row['mode']} w={row['workers']} {row['crop_size']}^3",
+      cache = row.get('cache', 'none')
+      where = '' if cache == 'none' else f' cache={cache}'
+      rows.append((f"{row['mode']}{where} w={row['workers']} {row['crop_size']}^3",
                    f"{row['crops_per_s']:,.0f} crops/s"))
   elif what == 'preprocess':
     rows += [('per scan/worker', f"{r['seconds_per_scan_per_worker']:.2f} s "
@@ -122,7 +124,7 @@ def summarize(root: str) -> tuple[str, list[str]]:
     with open(path) as f:
       results.append((os.path.relpath(path, root), json.load(f)))
   header = ('run', 'crop', 'batch', 's2d', 'dtype', 'JAX samples/s', 'TFLOP/s', 'MFU',
-            'PyTorch samples/s', 'JAX/PT', 'e2e samples/s', 'e2e/step')
+            'PyTorch samples/s', 'JAX/PT', 'e2e samples/s', 'e2e/step', 'cache')
   lines, readme = [header], []
   for name, r in results:
     what = r.get('what')
@@ -136,7 +138,8 @@ def summarize(root: str) -> tuple[str, list[str]]:
                   f"{100 * step['mfu']:.1f}%", f'{torch_rate:,.0f}' if torch_rate else '-',
                   f"{r['jax_over_torch']:.2f}" if torch_rate else '-',
                   f"{r['e2e_samples_per_s']:,.0f}" if what == 'e2e' else '-',
-                  f"{100 * r['fraction_of_step']:.0f}%" if what == 'e2e' else '-'))
+                  f"{100 * r['fraction_of_step']:.0f}%" if what == 'e2e' else '-',
+                  r.get('cache', 'none') if what == 'e2e' else '-'))
     if torch_rate:
       readme.append(
           f"| {r['model']}-{r['depth']} w{r['width']} | {r['crop_size']}^3 | "

@@ -4,7 +4,9 @@ Each process reads only the rows of each global batch that its devices hold (`pr
 following the batch sharding's mesh) and assembles them into global jax.Arrays for the mesh.
 Grain elements are whole per-process batches (one element per step): a worker reads a batch with
 one Python call instead of B, and Grain's worker slicing (worker w takes steps w, w + W, ...) plus
-its round-robin interleave keeps the order independent of the worker count.
+its round-robin interleave keeps the order independent of the worker count. Workers read crops
+straight into a shared-memory ring (jaxmed/data/batch_ring.py); only small arrays are pickled.
+With config.data.cache = 'host' or 'device' the crops come from a cache (jaxmed/data/cache.py).
 
 Batches leave the host as int16 crops; normalisation and augmentation run on the device
 (jaxmed/data/augment.py).
@@ -13,6 +15,7 @@ Batches leave the host as int16 crops; normalisation and augmentation run on the
 from __future__ import annotations
 
 import atexit
+import sys
 import weakref
 from collections.abc import Iterable
 
@@ -22,13 +25,15 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxmed.data import cache as cache_lib
+from jaxmed.data.batch_ring import BatchRing, aligned_empty, slots_needed
 from jaxmed.data.sampling import train_batch_rows
 from jaxmed.data.source import CropsSource, split_by_label, split_rows
 
 # Training iterators run "forever": Grain needs a length, any step a run reaches is below this.
 _LAST_STEP = 2**62
-_MIN_SHARED_MEMORY_BYTES = 1 << 16
-_ALIGNMENT = 64  # Bytes; XLA:CPU aliases host arrays aligned like this instead of copying them.
+# Crops travel through the ring; Grain's own shared memory (a new block per array) stays off.
+_NO_GRAIN_SHARED_MEMORY = 2**62
 
 
 # ---- which rows of a global batch this process holds -------------------------------------------
@@ -71,14 +76,6 @@ def process_batch_rows(batch_sharding: jax.sharding.Sharding,
 # ---- Grain datasets -> global batches --------------------------------------------------------
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype=np.int16) -> np.ndarray:
-  """np.empty aligned to 64 bytes, so that CPU devices take the array without copying it."""
-  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-  raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
-  offset = -raw.ctypes.data % _ALIGNMENT
-  return raw[offset:offset + nbytes].view(dtype).reshape(shape)
-
-
 class _TrainBatchLoader:
   """Picklable map: step -> this process's rows of global training batch `step` (numpy)."""
 
@@ -92,12 +89,18 @@ class _TrainBatchLoader:
     self.positive_rows = positive_rows
     self.negative_rows = negative_rows
     self.positive_fraction = positive_fraction
+    self.ring: BatchRing | None = None  # Set when workers read: crops go into its slots.
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     step = int(step)
     rows = train_batch_rows(self.seed, step, self.global_batch_size, self.positive_rows,
                             self.negative_rows, self.positive_fraction)[self.positions]
-    crops = self.source.read_crops(rows, _aligned_empty((len(rows),) + self.source.crop_shape))
+    if self.ring is None:
+      crops = self.source.read_crops(rows, aligned_empty((len(rows),) + self.source.crop_shape))
+    else:
+      self.source.read_crops(rows, self.ring.write(step))
+      self.ring.written(step)
+      crops = np.int64(step)  # The main process takes the crops out of the ring.
     # int32 wraps past 2**31 examples; it only seeds augmentation keys, so that stays exact.
     index = (step * self.global_batch_size + self.positions).astype(np.int32)
     return {'crops': crops, 'label': self.source.labels(rows), 'index': index,
@@ -113,43 +116,59 @@ class _EvalBatchLoader:
     self.rows = rows
     self.eval_batch_size = eval_batch_size
     self.positions = positions
+    self.ring: BatchRing | None = None  # Set when workers read: crops go into its slots.
 
   def __call__(self, batch_number: int) -> dict[str, np.ndarray]:
-    wanted = int(batch_number) * self.eval_batch_size + self.positions
+    batch_number = int(batch_number)
+    wanted = batch_number * self.eval_batch_size + self.positions
     mask = wanted < len(self.rows)  # A prefix: positions increase. The rest is padding.
     num_valid = int(mask.sum())
     rows = np.full(len(wanted), -1, np.int64)
     rows[:num_valid] = self.rows[wanted[:num_valid]]
-    crops = _aligned_empty((len(wanted),) + self.source.crop_shape)
+    shape = (len(wanted),) + self.source.crop_shape
+    crops = aligned_empty(shape) if self.ring is None else self.ring.write(batch_number)
     self.source.read_crops(rows[:num_valid], crops[:num_valid])
     crops[num_valid:] = 0
+    if self.ring is not None:
+      self.ring.written(batch_number)
+      crops = np.int64(batch_number)
     label = np.zeros(len(wanted), np.int32)
     label[:num_valid] = self.source.labels(rows[:num_valid])
     return {'crops': crops, 'label': label, 'row': rows.astype(np.int32), 'mask': mask}
 
 
 def _ensure_absl_flags_parsed() -> None:
-  # Grain's worker start reads absl flags; outside absl.app.run (tests, notebooks) none are parsed.
+  # Starting workers, Grain reads one of its absl flags (worker profiling) in this process;
+  # outside absl.app.run (tests, notebooks) nothing parsed them: parse the program name alone,
+  # which gives every flag its default and leaves the command line to its owner.
   if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+    flags.FLAGS(sys.argv[:1] or ['jaxmed'])
 
 
 def _prefetched(dataset: grain.MapDataset, workers: int, prefetch: int) -> grain.IterDataset:
   """One Grain element per batch: `workers` processes (0 = a reader thread in this process)."""
-  if workers < 0 or prefetch < 0:
-    raise ValueError(f'config.data.workers ({workers}) and prefetch ({prefetch}) must be >= 0')
   if workers == 0:
     return dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch))
   _ensure_absl_flags_parsed()
   # Inside a worker the process queue is the prefetch buffer: no extra reader threads.
   batches = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  # Crops travel through shared memory (Grain copies them there); labels and indices are cheaper
-  # to pickle.
   batches = grain.experimental.WithOptionsIterDataset(
-      batches, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHARED_MEMORY_BYTES))
+      batches, grain.experimental.DatasetOptions(min_shm_size=_NO_GRAIN_SHARED_MEMORY))
   return batches.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+
+
+def _ring_for(loader, config, batch_rows: int) -> BatchRing | None:
+  """The shared-memory ring workers read crops into (None when reading in this process)."""
+  workers, prefetch = config.data.workers, config.data.prefetch
+  if workers < 0 or prefetch < 0:
+    raise ValueError(f'config.data.workers ({workers}) and prefetch ({prefetch}) must be >= 0')
+  if workers == 0:
+    return None
+  loader.ring = BatchRing(slots_needed(workers, max(1, prefetch)),
+                          (batch_rows,) + loader.source.crop_shape)
+  return loader.ring
 
 
 # Iterators still open at exit are closed while their modules still exist (Grain's own __del__
@@ -163,6 +182,14 @@ def _close_open_iterators() -> None:
     iterator.close()
 
 
+def to_global(value: np.ndarray, batch_sharding: jax.sharding.Sharding,
+              global_batch_size: int) -> jax.Array:
+  """This process's rows (n, ...) of a global (B, ...) batch array, as the global jax.Array."""
+  return jax.make_array_from_process_local_data(
+      _batch_axis_sharding(batch_sharding, value.ndim), value,
+      (global_batch_size,) + value.shape[1:])
+
+
 class BatchIterator:
   """Iterator of dicts of global jax.Arrays, assembled from this process's numpy batches.
 
@@ -170,14 +197,14 @@ class BatchIterator:
   """
 
   def __init__(self, dataset: grain.IterDataset, batch_sharding: jax.sharding.Sharding,
-               global_batch_size: int, num_batches: int | None = None):
+               global_batch_size: int, num_batches: int | None = None,
+               ring: BatchRing | None = None):
     self._iterator = iter(dataset)
     self._batch_sharding = batch_sharding
     self._global_batch_size = global_batch_size
+    self._ring = ring
     self.num_batches = num_batches
     self._closed = False
-    # Only CPU devices alias host buffers; accelerators copy them into device memory anyway.
-    self._copy_shared_memory = any(d.platform == 'cpu' for d in batch_sharding.device_set)
     _open_iterators.add(self)
 
   def __iter__(self):
@@ -196,24 +223,19 @@ class BatchIterator:
     except StopIteration:
       self.close()
       raise
-    return {name: self._to_global(value) for name, value in local.items()}
-
-  def _to_global(self, value: np.ndarray) -> jax.Array:
-    if self._copy_shared_memory and type(value) is not np.ndarray:
-      # A worker's batch arrives as Grain's shared-memory block (an np.ndarray subclass): copy it
-      # out so it is freed now, not when the jax.Array aliasing it (zero-copy on CPU) dies,
-      # possibly after shutdown (a "leaked" warning).
-      shared, value = value, _aligned_empty(value.shape, value.dtype)
-      np.copyto(value, shared)
-    return jax.make_array_from_process_local_data(
-        _batch_axis_sharding(self._batch_sharding, value.ndim), value,
-        (self._global_batch_size,) + value.shape[1:])
+    if self._ring is not None:
+      # One copy out of the ring, into memory this batch owns (JAX may alias it on CPU).
+      local['crops'] = self._ring.take(int(local['crops']))
+    return {name: to_global(value, self._batch_sharding, self._global_batch_size)
+            for name, value in local.items()}
 
   def close(self) -> None:
     if not self._closed:
       self._closed = True
       self._iterator.close()
-      self._iterator = None  # Drops buffered batches, which frees their shared memory.
+      self._iterator = None  # Drops buffered batches.
+      if self._ring is not None:
+        self._ring.close()
 
   def __enter__(self):
     return self
@@ -223,47 +245,58 @@ class BatchIterator:
 
 
 def make_train_iterator(config, batch_sharding: jax.sharding.Sharding,
-                        start_step: int = 0) -> BatchIterator:
+                        start_step: int = 0):
   """Global training batches for steps start_step, start_step + 1, ... (never ends; close it).
 
   Each batch: 'crops' int16 (B, S, S, S) HU, 'label' int32 (B,), 'index' int32 (B,) = the global
   example position step * B + i (augmentation keys fold it), 'row' int32 (B,) file rows.
   B = config.train.global_batch_size, sharded over its first axis by `batch_sharding`.
   Starting at start_step is O(1): the step range is sliced, nothing is replayed.
+  config.data.cache picks where crops come from: 'none' (the file, through Grain), 'host' (a
+  shared-memory copy, through Grain) or 'device' (gathered on the devices); same batches.
   """
+  mode = cache_lib.cache_mode(config)
   path = config.data.crops_file
-  source = CropsSource(path)
+  global_batch_size = config.train.global_batch_size
+  positions = process_batch_rows(batch_sharding, global_batch_size)
+  if mode == 'device':
+    return cache_lib.device_train_iterator(config, batch_sharding, start_step, positions)
   positive_rows, negative_rows = split_by_label(
       path, split_rows(path, config.data.train_subsets, skip_excluded=True))
-  global_batch_size = config.train.global_batch_size
-  loader = _TrainBatchLoader(source, config.seed, global_batch_size,
-                             process_batch_rows(batch_sharding, global_batch_size),
+  source = (cache_lib.host_crops(config, np.union1d(positive_rows, negative_rows))
+            if mode == 'host' else CropsSource(path))
+  loader = _TrainBatchLoader(source, config.seed, global_batch_size, positions,
                              positive_rows, negative_rows, config.data.positive_fraction)
   loader(start_step)  # Fail here, with a clear message, rather than inside a worker.
+  ring = _ring_for(loader, config, len(positions))
   steps = grain.MapDataset.range(start_step, _LAST_STEP).map(loader)
   return BatchIterator(_prefetched(steps, config.data.workers, config.data.prefetch),
-                       batch_sharding, global_batch_size)
+                       batch_sharding, global_batch_size, ring=ring)
 
 
 def make_eval_iterator(config, subsets: Iterable[int], batch_sharding: jax.sharding.Sharding,
-                       skip_excluded: bool = False) -> BatchIterator:
+                       skip_excluded: bool = False):
   """One pass over every example of `subsets` (excluded negatives left out if asked), in file
   order; len() = number of batches.
 
   Each batch: 'crops' int16 (E, S, S, S) HU, 'label' int32 (E,), 'row' int32 (E,) file row
   (-1 for padding), 'mask' bool (E,) False for padding; E = config.train.eval_batch_size.
-  The last batch is padded, never dropped.
+  The last batch is padded, never dropped. config.data.cache as for make_train_iterator.
   """
+  mode = cache_lib.cache_mode(config)
   path = config.data.crops_file
-  source = CropsSource(path)
   rows = split_rows(path, subsets, skip_excluded=skip_excluded)
   eval_batch_size = config.train.eval_batch_size
+  positions = process_batch_rows(batch_sharding, eval_batch_size)
+  if mode == 'device':
+    return cache_lib.device_eval_iterator(config, rows, batch_sharding, positions)
   num_batches = -(-len(rows) // eval_batch_size)
-  loader = _EvalBatchLoader(source, rows, eval_batch_size,
-                            process_batch_rows(batch_sharding, eval_batch_size))
+  source = cache_lib.host_crops(config, rows) if mode == 'host' else CropsSource(path)
+  loader = _EvalBatchLoader(source, rows, eval_batch_size, positions)
+  ring = _ring_for(loader, config, len(positions))
   batches = grain.MapDataset.range(num_batches).map(loader)
   return BatchIterator(_prefetched(batches, config.data.workers, config.data.prefetch),
-                       batch_sharding, eval_batch_size, num_batches)
+                       batch_sharding, eval_batch_size, num_batches, ring=ring)
 
 
 def eval_num_batches(config, subsets: Iterable[int], skip_excluded: bool = False) -> int:

@@ -10,16 +10,17 @@ Where the coordinator, process count and process id come from, first match wins:
      GPU numbered SLURM_LOCALID) unless JAX_LOCAL_DEVICE_IDS says otherwise.
 Otherwise the run is a single process and nothing is initialised.
 
-A lost process (killed, crashed, host gone) never leaves the others waiting:
-  - every survivor ends with one line on stderr, naming it, and exit status 1:
-      jaxmed: error: lost process 1 of 2: it stopped responding (killed, crashed, hung, or its
-      host failed), so process 0 stops too (...); see the lost process's own log, then rerun ...
-    within about 5 s when a collective with it fails (gloo on CPU, usually at once), otherwise
-    (blocked in a collective that never fails) after 0.3 x config.distributed.heartbeat_timeout_s;
-  - behind that, JAX's coordination service (in process 0) aborts any survivor 0.5-1 x
-    heartbeat_timeout_s after the loss: exit status 134, "Terminating process because the JAX
-    distributed service detected fatal errors ... The following tasks are unhealthy (stopped
-    sending heartbeats):" followed by the lost process's index;
+A lost process (killed, crashed, hung, host gone) never leaves the others waiting; detection is
+jax.distributed's own heartbeat (config.distributed.heartbeat_timeout_s):
+  - JAX's coordination service (in process 0) ends every survivor within heartbeat_timeout_s of
+    the last heartbeat (measured: 10 s after a SIGKILL with a 10 s timeout): exit status 134,
+    "Terminating process because the JAX distributed service detected fatal errors ... The
+    following tasks are unhealthy (stopped sending heartbeats):" and the lost process's index;
+  - when a collective with the lost process fails first (gloo on CPU: at once), the survivor
+    prints one line before that verdict:
+      jaxmed: error: process 0 of 2: a collective with another process failed (...), so another
+      process stopped (...); JAX's coordination service names it ... within
+      distributed.heartbeat_timeout_s = 60 s: see the lost process's own log, then rerun ...
   - when process 0 (the coordinator) is lost, JAX ends the others at once: exit status 134,
     "Failed to send RPC to coordination service. Either the leader task was
     preempted/died/restarted unexpectedly ...".
@@ -27,20 +28,19 @@ A lost process (killed, crashed, host gone) never leaves the others waiting:
 
 from __future__ import annotations
 
-import atexit
 import math
 import os
 import re
 import socket
 import sys
-import threading
 import time
 
 import jax
 from absl import app
 from absl import logging
 
-from jaxmed.errors import ConfigError
+from jaxmed.errors import ConfigError, UserError
+
 
 def cpu_devices_needed(config) -> int:
   """Virtual CPU devices this process should expose: enough for the configured mesh.
@@ -131,7 +131,8 @@ def initialize(config) -> None:
   pid = dist.process_id if dist.process_id >= 0 else int(
       os.environ.get('JAXMED_PROCESS_ID', '-1') or -1)
   timeouts = dict(initialization_timeout=dist.initialization_timeout_s,
-                  heartbeat_timeout_seconds=dist.heartbeat_timeout_s)
+                  heartbeat_timeout_seconds=dist.heartbeat_timeout_s,
+                  shutdown_timeout_seconds=dist.shutdown_timeout_s)
   if address and num > 1:
     if not 0 <= pid < num:
       raise ConfigError(f'distributed run of {num} processes needs a process id in 0..{num - 1}, '
@@ -145,7 +146,7 @@ def initialize(config) -> None:
     jax.distributed.initialize(**timeouts)
   else:
     return
-  _watch_for_lost_processes(dist.heartbeat_timeout_s)
+  _report_lost_processes(dist.heartbeat_timeout_s)
   logging.info('process %d of %d (pid %d on %s): %d local devices %s, %d global devices',
                jax.process_index(), jax.process_count(), os.getpid(), socket.gethostname(),
                jax.local_device_count(), [d.id for d in jax.local_devices()], jax.device_count())
@@ -153,179 +154,59 @@ def initialize(config) -> None:
 
 # ---- a lost process ---------------------------------------------------------------------------
 #
-# JAX's coordination service (in process 0) notices a lost process only after 0.5-1x the
-# heartbeat timeout, then aborts every survivor itself (LOG(FATAL), exit status 134); jax gives
-# Python no callback for it. So jaxmed keeps its own watch, through the same service: every
-# process ticks a counter of its own in the service's key-value store each second and reads the
-# others' (two small RPCs a second). Judged on local clocks only (no skew between hosts matters),
-# a peer whose counter stopped moving is lost:
-#   - after an error (a collective with the lost process fails; gloo on CPU: usually at once),
-#     within _LIVENESS_WINDOW_S;
-#   - otherwise (a survivor blocked in a collective that never fails), after
-#     _LOST_AFTER_FRACTION x heartbeat_timeout_s, before JAX's own abort.
-# Either way the survivor prints one line naming the lost process and exits with status 1.
-# A process that leaves through a normal exit says so first (value 'exited'): never "lost".
+# JAX's coordination service (in process 0) receives every process's heartbeat; a process silent
+# for heartbeat_timeout_s is declared lost, and the service ends every survivor itself
+# (LOG(FATAL), exit status 134) with a message naming the lost process's index. Python gets no
+# callback for it, and the service's client is not public API, so jaxmed names nothing itself:
+# when a collective with the lost process fails first (gloo on CPU: at once), the survivor says
+# so in one line and then waits for JAX's verdict, which names the process.
 
-_HEARTBEAT_PREFIX = 'jaxmed/alive/'
-_HEARTBEAT_INTERVAL_S = 1.0
-_LIVENESS_WINDOW_S = 5.0  # After an error: watch the counters this long (at most timeout / 2).
-_LOST_AFTER_FRACTION = 0.3  # No error: a peer silent this fraction of the heartbeat timeout.
-_MIN_LOST_AFTER_S = 3.0
-_EXITED = 'exited'  # A process's last value when it leaves through Python's exit.
+_COLLECTIVE_FAILURE = re.compile(
+    r'gloo|nccl|connection (reset|closed|refused)|broken pipe|unavailable|deadline_exceeded|'
+    r'coordination service|heartbeat', re.IGNORECASE)
+_VERDICT_MARGIN_S = 10.0  # JAX acts on a missed heartbeat within about this of the timeout.
 
 
-class _Heartbeat:
-  """A daemon thread: ticks this process's counter, and ends the process if a peer goes silent."""
-
-  def __init__(self, client, process_index: int, num_processes: int, interval_s: float,
-               lost_after_s: float):
-    self.client = client
-    self.process_index = process_index
-    self.num_processes = num_processes
-    self.interval_s = interval_s
-    self.lost_after_s = lost_after_s
-    self._changed = {}  # peer -> (its last value, local time that value was first seen)
-    self._last_look = None
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, name='jaxmed-heartbeat', daemon=True)
-    self._thread.start()
-
-  def _run(self):
-    ticks = 0
-    while not self._stop.is_set():
-      ticks += 1
-      self._set(str(ticks))
-      silent = self._silent_peers()
-      if silent and not self._stop.is_set():
-        _exit_lost(silent, f'no heartbeat for {self.lost_after_s:.0f} s')
-      self._stop.wait(self.interval_s)
-    self._set(_EXITED)  # Leaving on purpose (at exit): not lost.
-
-  def _set(self, value: str):
-    try:
-      self.client.key_value_set(f'{_HEARTBEAT_PREFIX}{self.process_index}', value,
-                                allow_overwrite=True)
-    except Exception:  # The coordinator is unreachable: JAX ends this process itself.
-      pass
-
-  def counters(self) -> dict[int, str] | None:
-    """{process: its counter} as the coordinator has them; None if it cannot be reached."""
-    try:
-      entries = self.client.key_value_dir_get(_HEARTBEAT_PREFIX)
-    except Exception:
-      return None
-    return {int(k.rsplit('/', 1)[-1]): v for k, v in entries}
-
-  def _silent_peers(self) -> list[int]:
-    """Peers seen ticking before whose counter has not moved for lost_after_s."""
-    values = self.counters()
-    now = time.monotonic()
-    if values is None:
-      return []
-    if self._last_look is None or now - self._last_look > 3 * self.interval_s:
-      self._changed = {}  # This thread itself did not run for a while: judge from now on.
-    self._last_look = now
-    for p, value in values.items():
-      if p != self.process_index and self._changed.get(p, (None,))[0] != value:
-        self._changed[p] = (value, now)
-    return sorted(p for p, (value, since) in self._changed.items()
-                  if value != _EXITED and now - since > self.lost_after_s)
-
-  def stop(self):
-    self._stop.set()
-    self._thread.join(timeout=2 * self.interval_s)
-
-
-_heartbeat: _Heartbeat | None = None
-_exit_lock = threading.Lock()
-
-
-def lost_processes(window_s: float = _LIVENESS_WINDOW_S) -> list[int] | None:
-  """Process indices whose counter did not move for window_s (returns early when all moved).
-
-  [] when every process is alive or left through a normal exit; [0] when process 0, which hosts
-  the coordinator, cannot be reached; None outside a multi-process run.
-  """
-  beat = _heartbeat
-  if beat is None or beat.num_processes < 2:
-    return None
-  everyone = set(range(beat.num_processes))
-  coordinator_lost = [0] if beat.process_index != 0 else None
-  first = beat.counters()
-  if first is None:
-    return coordinator_lost
-  moved = {beat.process_index}
-  deadline = time.monotonic() + window_s
-  while moved != everyone and time.monotonic() < deadline:
-    time.sleep(beat.interval_s / 4)
-    now = beat.counters()
-    if now is None:
-      return coordinator_lost
-    moved |= {p for p in everyone if p in now and (now[p] != first.get(p) or now[p] == _EXITED)}
-  return sorted(everyone - moved)
-
-
-def lost_process_message(lost: list[int], detail: str = '') -> str:
-  """The one line a survivor ends with, naming the lost process(es)."""
-  names = ', '.join(str(p) for p in lost)
-  what = f'process{"es" if len(lost) > 1 else ""} {names} of {jax.process_count()}'
-  coordinator = ' (the coordinator)' if 0 in lost else ''
-  detail = f' ({detail})' if detail else ''
-  return (f'lost {what}{coordinator}: it stopped responding (killed, crashed, hung, or its host '
-          f'failed), so process {jax.process_index()} stops too{detail}; see the lost process\'s '
-          'own log, then rerun the same command on every process to resume from the last '
-          'checkpoint')
-
-
-def _exit_lost(lost: list[int], detail: str) -> None:
-  """Prints the one line and leaves at once, from any thread.
-
-  os._exit: jax.distributed's shutdown barrier at a normal exit would wait for the lost process
-  until JAX's heartbeat timeout aborts this one; a collective with it may never return.
-  """
-  with _exit_lock:  # The watch and the exception handler may both get here.
-    message = lost_process_message(lost, detail)
-    logging.error('%s', message)
-    logging.flush()
-    sys.stdout.flush()
-    print(f'jaxmed: error: {message}', file=sys.stderr, flush=True)
-    os._exit(1)
+def lost_process_message(exc: BaseException, heartbeat_timeout_s: float) -> str:
+  """The one line a survivor prints when a collective with another process failed."""
+  text = str(exc).strip()
+  detail = f'{type(exc).__name__}: {text.splitlines()[0][:160]}' if text else type(exc).__name__
+  return (f'process {jax.process_index()} of {jax.process_count()}: a collective with another '
+          f'process failed ({detail}), so another process stopped (killed, crashed, hung, or '
+          "its host failed); JAX's coordination service names it ('The following tasks are "
+          "unhealthy') and ends this process within distributed.heartbeat_timeout_s = "
+          f"{heartbeat_timeout_s:g} s: see the lost process's own log, then rerun the same "
+          'command on every process to resume from the last checkpoint')
 
 
 class _LostProcessHandler(app.ExceptionHandler):
-  """An exception escaping main in a multi-process run: if a peer is gone, say so in one line."""
+  """A failed collective escaping main in a multi-process run: one line, then JAX's verdict."""
 
-  def __init__(self, window_s: float):
+  def __init__(self, heartbeat_timeout_s: float):
     super().__init__()
-    self.window_s = window_s
+    self.heartbeat_timeout_s = heartbeat_timeout_s
 
   def wants(self, exc):
-    return isinstance(exc, Exception) and _heartbeat is not None
+    return (isinstance(exc, Exception) and not isinstance(exc, UserError)
+            and jax.process_count() > 1 and bool(_COLLECTIVE_FAILURE.search(str(exc))))
 
   def handle(self, exc):
-    lost = lost_processes(self.window_s)
-    if not lost:
-      return  # Every process is alive: not a loss; the usual traceback follows.
-    text = str(exc).strip()
-    _exit_lost(lost, f'here: {type(exc).__name__}: {text.splitlines()[0][:160]}' if text else '')
+    logging.flush()
+    sys.stdout.flush()
+    print(f'jaxmed: error: {lost_process_message(exc, self.heartbeat_timeout_s)}',
+          file=sys.stderr, flush=True)
+    # JAX's service ends this process (naming the lost one) once the heartbeat times out; a
+    # normal exit would wait in jax.distributed's shutdown barrier for the lost process instead.
+    time.sleep(self.heartbeat_timeout_s + _VERDICT_MARGIN_S)
+    os._exit(1)
 
 
-def _watch_for_lost_processes(heartbeat_timeout_s: float) -> None:
-  """Starts the heartbeat and its watch, and installs the handler (once per process)."""
-  global _heartbeat
-  if _heartbeat is not None:
-    return
-  try:
-    from jax._src import distributed as jax_distributed  # Holds jax.distributed's client.
-    client = jax_distributed.global_state.client
-  except (ImportError, AttributeError):  # Another JAX layout: JAX's own heartbeat still applies.
-    return
-  if client is None or jax.process_count() < 2 or not hasattr(client, 'key_value_dir_get'):
-    return
-  lost_after = max(_MIN_LOST_AFTER_S, _LOST_AFTER_FRACTION * heartbeat_timeout_s)
-  _heartbeat = _Heartbeat(client, jax.process_index(), jax.process_count(),
-                          _HEARTBEAT_INTERVAL_S, lost_after)
-  # Registered after jax's own exit hook, so it runs first: stop ticking before the client goes.
-  atexit.register(_heartbeat.stop)
-  window = min(_LIVENESS_WINDOW_S, max(2 * _HEARTBEAT_INTERVAL_S, heartbeat_timeout_s / 2))
-  app.install_exception_handler(_LostProcessHandler(window))
+def _report_lost_processes(heartbeat_timeout_s: float) -> None:
+  """Installs the handler (once per process)."""
+  global _handler_installed
+  if not _handler_installed:
+    app.install_exception_handler(_LostProcessHandler(heartbeat_timeout_s))
+    _handler_installed = True
+
+
+_handler_installed = False
