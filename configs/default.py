@@ -108,8 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
       ('height', None),
       ('width', None),
       ('channels', 'model'),  # Activation channels split over model (tensor parallel).
-      ('conv_in', 'fsdp'),  # Kernel input channels sharded over fsdp (ZeRO-3 style).
-      ('conv_out', 'model'),  # Kernel output channels split over model.
+      # Kernels: 'conv_out' is the dim tensor parallelism splits (output channels of a block's
+      # first conv, input channels of its second: Megatron's pair), 'conv_in' the other one.
+      ('conv_in', 'fsdp'),  # Sharded over fsdp (ZeRO-3); also the gathered conv inputs.
+      ('conv_out', 'model'),  # Split over model.
       ('kernel_spatial', None),
       ('features', None),  # Dense/classifier features.
   )

@@ -1,4 +1,5 @@
-"""Pure tensor (channel) parallel over 8 devices: every conv's output channels split 8 ways.
+"""Pure tensor (channel) parallel over 8 devices: Megatron-paired convs, activations, kernels and
+AdamW moments split 8 ways by channels (README, Parallelism).
 
   python -m jaxmed.main --config=configs/mesh_1x8.py
 """
