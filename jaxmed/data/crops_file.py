@@ -14,6 +14,7 @@ config (JSON of the config used).
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import h5py
@@ -78,3 +79,14 @@ def check_crops_file(path: str | os.PathLike, f: h5py.File | None = None) -> int
           f'crops file {path}: dataset {name} has dtype {ds.dtype}, expected '
           f'{np.dtype(dtype)}; {fix}')
   return n
+
+
+def identity(path: str | os.PathLike) -> dict[str, object]:
+  """What names a crops file's content: a digest of its `sources` attribute (every source file's
+  sha256) and its number of crops. A rebuilt file from the same sources keeps it."""
+  with h5py.File(os.fspath(path), 'r') as f:
+    sources = f.attrs['sources']
+    num_crops = int(f['crops'].shape[0])
+  if isinstance(sources, bytes):
+    sources = sources.decode()
+  return {'sources_sha256': hashlib.sha256(sources.encode()).hexdigest()[:16], 'crops': num_crops}
