@@ -128,7 +128,12 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_every_steps = 300  # Steps between validation passes (0 = only at the end).
   train.eval_batch_size = 64  # Global batch for evaluation (last batch padded, never dropped).
   train.profile_steps = 0  # >0: write a jax.profiler trace of this many steps after warm-up.
+  # Steps the host may dispatch ahead of the device (it waits for step N - this one): enough
+  # to ride out a busy host; far fewer than the ~100 that hung two gloo processes on CPU.
+  train.max_steps_in_flight = 4
   train.nan_at_step = -1  # Test hook: make the loss NaN at this step (-1 = off).
+  train.sigterm_at_step = -1  # Test hook: SIGTERM to this process at this step (-1 = off)...
+  train.sigterm_during_eval = False  # ...or during that step's evaluation, after its 1st batch.
 
   # ---- checkpoints ------------------------------------------------------------------------
   config.checkpoint = checkpoint = ml_collections.ConfigDict()
@@ -136,6 +141,9 @@ def get_config() -> ml_collections.ConfigDict:
   checkpoint.keep = 3  # Most recent checkpoints kept.
   checkpoint.async_save = True  # Write in the background while training continues.
   checkpoint.step = -1  # --mode=eval: step to restore (-1 = latest).
+  # Resume even if the checkpoint was written with another data stream (seed, batch size,
+  # subsets, crop sizes, schedule, crops file); the differences are logged.
+  checkpoint.allow_changed_data_stream = False
 
   # ---- evaluation (--mode=eval) -----------------------------------------------------------
   config.eval = eval_ = ml_collections.ConfigDict()

@@ -16,6 +16,10 @@ WHAT (each prints a short table and writes WORKDIR/benchmark_<what>.json):
               Uses config.data.crops_file when it exists (or auto_prepare builds it), else
               writes a synthetic crops file of the stored crop size into the workdir.
               --config.data.cache=none|host|device picks the input path.
+  loop        steps/s of train.py's own loop (train.TrainLoop, set up as a training run: Grain
+              input from the crops file as e2e finds it, log steps as configured) against a bare
+              loop over the same compiled step on batches already on the device; use a small
+              model (cnn3d at 8^3) so that host overhead shows, and --steps of a few hundred.
   compare     the step above, then the same architecture in PyTorch eager
               (models/resnet3d_torch.py; AMP bf16 + channels_last_3d + cudnn.benchmark on CUDA,
               float32 on CPU), same shapes and batch, same process; both and their ratio.
@@ -52,12 +56,13 @@ from jaxmed.benchmarks import checkpoint as checkpoint_bench
 from jaxmed.benchmarks import comms as comms_bench
 from jaxmed.benchmarks import compare as compare_bench
 from jaxmed.benchmarks import e2e as e2e_bench
+from jaxmed.benchmarks import loop as loop_bench
 from jaxmed.benchmarks import preprocess as preprocess_bench
 from jaxmed.benchmarks import step as step_bench
 from jaxmed.benchmarks import tables
 
-WHATS = ('step', 'input', 'e2e', 'compare', 'comms', 'meshes', 'checkpoint', 'preprocess', 'profile',
-         'summary')
+WHATS = ('step', 'input', 'e2e', 'loop', 'compare', 'comms', 'meshes', 'checkpoint', 'preprocess',
+         'profile', 'summary')
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the JSON goes (default workdirs/<name>).')
@@ -91,6 +96,8 @@ def run(what: str, config, workdir: str, *, steps: int = 10, warmup: int = 3, re
     result = {**step_bench.describe_run(config), 'rows': rows}
   elif what == 'e2e':
     result = e2e_bench.benchmark_e2e(config, workdir, steps, warmup, repeats)
+  elif what == 'loop':
+    result = loop_bench.benchmark_loop(config, workdir, steps, warmup, repeats)
   elif what == 'compare':
     result = compare_bench.benchmark_compare(config, steps, warmup, repeats, peak_size)
   elif what == 'comms':

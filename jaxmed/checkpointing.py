@@ -1,28 +1,53 @@
-"""The one module that knows Orbax: save, find the latest complete step, restore onto any mesh.
+"""The one module that knows Orbax: when to save, save, find the latest complete step, restore
+onto any mesh, and refuse a resume that would change the data stream.
 
-A checkpoint step holds two items:
-  state   the train state as a pure dict of arrays (parameters, optimizer state, BatchNorm
-          statistics, step); restored into ShapeDtypeStructs that carry the CURRENT mesh's
-          shardings, so a run saved on one mesh or process count resumes on another;
-  config  the config that wrote it (JSON), to refuse a restore into a different model.
+A checkpoint step holds up to three items:
+  state        the train state as a pure dict of arrays (parameters, optimizer state, BatchNorm
+               statistics, step); restored into ShapeDtypeStructs that carry the CURRENT mesh's
+               shardings, so a run saved on one mesh or process count resumes on another;
+  config       the config that wrote it (JSON), to refuse a restore into a different model;
+  data_stream  (training runs) what decides which examples form step N and the schedule
+               (data_stream()), to refuse a resume that would silently change them.
 The data position is the step itself (the input order is a pure function of seed and step), so
 no iterator state is needed. Orbax writes each step into a temporary folder and renames it when
 complete: a step that did not finish writing is never listed, hence never restored.
+
+When to save is Orbax's decision (CheckpointManager.should_save): every checkpoint.every_steps,
+the last step, and a preemption. Orbax's preemption check is JAX's preemption sync point: after
+jax.distributed.initialize, XLA's preemption notifier catches SIGTERM and every process reaches
+the same step to save at. A single process has no jax.distributed, hence no notifier: there, and
+only there, a SIGTERM handler of this module raises the same request. Orbax never saves a step
+that is not newer than the latest one, so a SIGTERM that lands on a checkpoint step, on the last
+step or during evaluation saves that step once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
+from jaxmed.data import crops_file
 from jaxmed.errors import UserError
 
 # Config sections that decide the shapes and meaning of the saved arrays.
 _MODEL_KEYS = ('model',)
+
+# Config keys (or sections) that decide which examples form step N, how they are augmented and
+# normalised, and the learning-rate schedule. Not the eval batch size: validation covers every
+# example whatever its batch size.
+DATA_STREAM_KEYS = (
+    'seed', 'train.global_batch_size', 'train.steps', 'train.learning_rate',
+    'train.warmup_steps', 'train.weight_decay', 'train.grad_clip_norm', 'data.train_subsets',
+    'data.val_subsets', 'data.positive_fraction', 'data.crop_size', 'data.stored_crop_size',
+    'data.hu_window', 'data.augment')
 
 
 class CheckpointError(UserError):
@@ -56,18 +81,70 @@ def differing_model_keys(saved: dict, current: ml_collections.ConfigDict) -> lis
   return diffs
 
 
-class Checkpointer:
-  """Asynchronous, atomic checkpoints of the train state in `workdir/checkpoints/`."""
+def data_stream(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{key: value} of everything that decides the examples of each step and the schedule.
 
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+  The DATA_STREAM_KEYS of the config (sections flattened: 'data.augment.flip'), and the crops
+  file's identity: a digest of the source files' sha256 it stores, and its number of crops.
+  """
+  flat = _flatten(_normalise(config.to_dict()))
+  stream = {k: v for k, v in flat.items()
+            if any(k == key or k.startswith(key + '.') for key in DATA_STREAM_KEYS)}
+  stream.update({f'crops_file.{k}': v
+                 for k, v in crops_file.identity(config.data.crops_file).items()})
+  return stream
+
+
+def _shown(value: Any) -> str:
+  if value is None:
+    return 'absent'
+  return value if isinstance(value, str) else json.dumps(value)
+
+
+def differing_data_stream(saved: dict, current: dict) -> list[str]:
+  """'key saved -> current' for every data-stream key whose value differs."""
+  return [f'{key} {_shown(saved.get(key))} -> {_shown(current.get(key))}'
+          for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+
+
+class Checkpointer:
+  """Asynchronous, atomic checkpoints of the train state in `workdir/checkpoints/`.
+
+  training=True (train_and_evaluate): every save records the data stream and a restore refuses
+  a different one (unless config.checkpoint.allow_changed_data_stream); saves follow
+  checkpoint.every_steps and train.steps; on a single process, SIGTERM requests a preemption
+  save (close() puts the previous handler back).
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, training: bool = False):
+    self.workdir = workdir
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.config = config
+    self._data_stream = data_stream(config) if training else None
+    self._sigterm = False
+    self._previous_handler = None
+    if (training and jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
+      # Multi-process: XLA's preemption notifier owns SIGTERM; replacing it would blind Orbax.
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.checkpoint.keep,
         enable_async_checkpointing=config.checkpoint.async_save,
+        # Orbax adds its preemption policy to this one.
+        should_save_fn=self._due if training else None,
         create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'config'))
+                                          item_names=('state', 'config', 'data_stream'))
+
+  def _on_sigterm(self, signum, frame):
+    # Only a flag: a second SIGTERM during the final save cannot interrupt (and corrupt) it.
+    del signum, frame
+    self._sigterm = True
+
+  def _due(self, step: int, last_saved_step: int | None) -> bool:
+    del last_saved_step  # Orbax itself refuses a step that is not newer than the latest.
+    every = self.config.checkpoint.every_steps
+    return (every > 0 and step % every == 0) or step == self.config.train.steps or self._sigterm
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -75,11 +152,29 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: dict) -> None:
-    """Starts saving `state` (a pure dict of jax.Arrays) at `step`; returns before it is done."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(_normalise(self.config.to_dict()))), force=True)
+  def reached_preemption(self, step: int) -> bool:
+    """True once the run is asked to stop: at JAX's preemption sync point (multi-process; call
+    it at every step on every process), or after a SIGTERM (single process)."""
+    return self._sigterm or self._manager.reached_preemption(step)
+
+  def should_save(self, step: int) -> bool:
+    """Orbax's decision for `step`: a checkpoint step, the last step or a preemption, and newer
+    than the latest checkpoint. Call it at every step (it is where multi-process preemption is
+    noticed)."""
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state: dict) -> bool:
+    """Starts saving `state` (a pure dict of jax.Arrays) at `step`; returns before it is done.
+
+    A step already saved is left as it is (False): saving is idempotent.
+    """
+    if step in self.all_steps():
+      return False
+    items = {'state': ocp.args.StandardSave(state),
+             'config': ocp.args.JsonSave(_normalise(self.config.to_dict()))}
+    if self._data_stream is not None:
+      items['data_stream'] = ocp.args.JsonSave(self._data_stream)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, int]:
     """Restores `step` (default: latest complete) into `abstract_state`'s shapes and shardings.
@@ -87,7 +182,8 @@ class Checkpointer:
     Args:
       abstract_state: pure dict of jax.ShapeDtypeStruct with `.sharding` set for the current mesh.
     Returns:
-      (state, step). Raises CheckpointError for a missing step or a different model config.
+      (state, step). Raises CheckpointError for a missing step, a different model config, or
+      (training) a different data stream.
     """
     steps = self.all_steps()
     if step is None or step < 0:
@@ -103,15 +199,39 @@ class Checkpointer:
       raise CheckpointError(
           f'checkpoint {self.directory} step {step} was written for a different model: '
           f'{"; ".join(diffs)}; use the same model config or another --workdir')
+    if self._data_stream is not None:
+      self._check_data_stream(step)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     return restored['state'], step
+
+  def _check_data_stream(self, step: int) -> None:
+    if 'data_stream' not in self._manager.metadata(step).item_metadata:
+      logging.warning('checkpoint step %d of %s records no data stream: cannot check that it '
+                      'continues the same one', step, self.directory)
+      return
+    saved = self._manager.restore(step, args=ocp.args.Composite(
+        data_stream=ocp.args.JsonRestore()))['data_stream']
+    diffs = differing_data_stream(saved, self._data_stream)
+    if not diffs:
+      return
+    if self.config.checkpoint.allow_changed_data_stream:
+      logging.warning('resuming step %d of %s with a different data stream, as '
+                      'checkpoint.allow_changed_data_stream allows: %s', step, self.directory,
+                      ', '.join(diffs))
+      return
+    raise CheckpointError(
+        f'checkpoint in {self.workdir} was written with a different data stream: '
+        f'{", ".join(diffs)}; start a new --workdir, or pass '
+        '--config.checkpoint.allow_changed_data_stream=True to continue anyway')
 
   def wait(self) -> None:
     """Blocks until every save started so far is complete on disk."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None
     self._manager.wait_until_finished()
     self._manager.close()
-

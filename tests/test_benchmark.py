@@ -120,6 +120,20 @@ def test_e2e_on_a_synthetic_crops_file_reports_the_fraction_of_the_step(tmp_path
   assert 0 <= result['input_wait_fraction'] <= 1
 
 
+def test_loop_times_the_train_loop_against_the_bare_step(tmp_path):
+  config = bench_config(model__name='cnn3d', data__auto_prepare=False,
+                        data__crops_file=str(tmp_path / 'missing.h5'), train__log_every_steps=2)
+  result = benchmark.run('loop', config, str(tmp_path), steps=4, warmup=1, repeats=1)
+  assert result['bare_steps_per_s'] > 0 and result['loop_steps_per_s'] > 0
+  assert result['loop_over_bare'] == pytest.approx(
+      result['loop_steps_per_s'] / result['bare_steps_per_s'])
+  # The timed loop is the training run's own: it logged every 2 steps into its workdir.
+  with open(tmp_path / 'loop_run' / 'metrics.jsonl') as f:
+    steps = [json.loads(line)['step'] for line in f]
+  # Steps 1 (warm-up), 2-5 (fed by the pipeline), 6-9 (on device batches); not 10-13 (bare).
+  assert steps == [2, 4, 6, 8]
+
+
 def test_compare_runs_jax_and_the_pytorch_twin(tmp_path):
   pytest.importorskip('torch')
   result = benchmark.run('compare', bench_config(), str(tmp_path), **QUICK)

@@ -168,3 +168,40 @@ def test_restoring_a_different_model_names_the_differing_keys(uninterrupted, tin
   assert proc.returncode == 1
   last = proc.stderr.strip().splitlines()[-1]
   assert 'model.width (checkpoint 4, config 8)' in last, last
+
+
+def test_resuming_with_another_data_stream_names_each_change(uninterrupted, tiny_dataset,
+                                                             tmp_path):
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(uninterrupted, workdir)
+  changed = args_for(tiny_dataset, seed=1, train__global_batch_size=32)
+  proc = run_main(changed, workdir, check=False)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'jaxmed: error: checkpoint in {workdir} was written with a different data stream: '
+      'seed 0 -> 1, train.global_batch_size 16 -> 32; start a new --workdir, or pass '
+      '--config.checkpoint.allow_changed_data_stream=True to continue anyway')
+
+  proc = run_main(changed + ['--config.checkpoint.allow_changed_data_stream=True'], workdir)
+  assert ('with a different data stream, as checkpoint.allow_changed_data_stream allows: '
+          'seed 0 -> 1, train.global_batch_size 16 -> 32') in proc.stderr
+  assert 'resumed from step 12' in proc.stderr
+
+
+def test_the_data_stream_names_the_crops_file_by_its_sources_not_the_mesh(tiny_config, tmp_path):
+  import h5py
+
+  from jaxmed import checkpointing
+  config = tiny_config()
+  copy = str(tmp_path / 'crops.h5')
+  shutil.copy(config.data.crops_file, copy)
+  with h5py.File(copy, 'r+') as f:
+    f.attrs['sources'] = json.dumps({'candidates_V2.csv': '0' * 64})
+  stream = checkpointing.data_stream(config)
+  # Another mesh, log cadence or eval batch: the same stream; another crops file: named.
+  same = tiny_config(mesh__ici_data=2, mesh__ici_model=4, train__log_every_steps=7,
+                     train__eval_batch_size=64)
+  assert checkpointing.differing_data_stream(stream, checkpointing.data_stream(same)) == []
+  other = checkpointing.data_stream(tiny_config(data__crops_file=copy))
+  diffs = checkpointing.differing_data_stream(stream, other)
+  assert len(diffs) == 1 and diffs[0].startswith('crops_file.sources_sha256 '), diffs

@@ -2,7 +2,8 @@
 
 2 processes x 4 CPU devices (jax.distributed, gloo collectives) compute the losses of 1 process x
 8 devices on the 2x4, 8x1 and 1x8 meshes (dcn axes across the processes); only process 0 writes
-metrics; checkpoints move between process counts and continue exactly; a process killed with
+metrics; checkpoints move between process counts and continue exactly; a SIGTERM saves one step
+through Orbax's preemption check and the run resumes exactly; a process killed with
 SIGKILL (or silent, SIGSTOP) ends the run within jax.distributed's heartbeat timeout, named.
 
 Each training run is a whole `python -m jaxmed.main` (about 10-30 s on two CPU cores, mostly XLA
@@ -191,6 +192,23 @@ def test_checkpoint_of_two_processes_continues_in_one_process(two_2x4, reference
   stderr = one_process(_args(tiny_dataset, ONE_8X1), workdir)
   assert 'resumed from step 3' in stderr
   assert_losses_match(losses(workdir), losses(reference), range(4, STEPS + 1))
+
+
+def test_sigterm_in_two_processes_saves_one_step_through_orbax_and_resumes(reference,
+                                                                          tiny_dataset, tmp_path):
+  # The hook raises SIGTERM in each process at step 2. XLA's preemption notifier catches it;
+  # Orbax's preemption check has both processes save the same step, then both exit 0.
+  workdir = str(tmp_path / 'run')
+  args = _args(tiny_dataset, TWO['2x4'], {'train.sigterm_at_step': 2,
+                                          'checkpoint.every_steps': 1000})
+  two_processes(args, workdir)
+  saved = checkpoint_steps(workdir)
+  assert len(saved) == 1 and 2 <= saved[0] < STEPS, saved
+  for i in range(2):
+    assert f'saved step {saved[0]}' in _log(workdir, i)
+  two_processes(args, workdir)  # The same command resumes.
+  assert f'resumed from step {saved[0]}' in _log(workdir, 0)
+  assert_losses_match(losses(workdir), losses(reference), range(1, STEPS + 1))
 
 
 # ---- a lost process ----------------------------------------------------------------------------

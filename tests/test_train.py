@@ -4,7 +4,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -42,11 +41,14 @@ def run_steps(config, num_steps):
   with sharding_lib.use_rules(mesh, rules):
     graphdef, state, shardings = train.init_sharded_state(config, mesh, rules)
     step_fn = train.make_train_step(graphdef, shardings, config)
+    leaves, stats = jax.tree.leaves(state), train.new_loop_stats(mesh, 0)
     batches = loader.make_train_iterator(config, batch_sharding, 0)
     losses = []
-    for step in range(num_steps):
-      state, metrics = step_fn(state, next(batches), jnp.int32(step))
-      losses.append(float(metrics['loss']))
+    for _ in range(num_steps):
+      leaves, stats = step_fn(leaves, stats, next(batches))
+      losses.append(train.logged_means(jax.device_get(stats))['loss'])
+      stats = train.zero_logged_sums(stats)
+    state = jax.tree.unflatten(jax.tree.structure(state), leaves)
     if hasattr(batches, 'close'):
       batches.close()
   return np.array(losses), state

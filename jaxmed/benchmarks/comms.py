@@ -45,7 +45,9 @@ def compile_train_step(config, devices=None) -> dict[str, Any]:
     batch = {'crops': batch_array((b, s, s, s), jnp.int16), 'label': batch_array((b,), jnp.int32),
              'index': batch_array((b,), jnp.int32), 'row': batch_array((b,), jnp.int32)}
     t0 = time.perf_counter()
-    compiled = step_fn.lower(abstract_state, batch, jnp.int32(0)).compile()
+    stats = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                         train.new_loop_stats(mesh, 0))  # A few replicated scalars.
+    compiled = step_fn.lower(jax.tree.leaves(abstract_state), stats, batch).compile()
   return {'compiled': compiled, 'mesh': mesh, 'rules': rules, 'abstract_state': abstract_state,
           'compile_s': time.perf_counter() - t0}
 

@@ -41,7 +41,7 @@ def write_synthetic_crops_file(path: str, num_crops: int, size: int,
   os.replace(tmp, path)
 
 
-def _e2e_crops_file(config, workdir: str) -> str:
+def benchmark_crops_file(config, workdir: str) -> str:
   """config.data.crops_file if it exists or may be prepared; else a synthetic one in workdir."""
   from jaxmed.data import prepare
   if os.path.exists(config.data.crops_file) or config.data.auto_prepare:
@@ -70,7 +70,7 @@ def benchmark_e2e(config, workdir: str, steps: int = 10, warmup: int = 3,
 
   from jaxmed.data import loader
   config = config.copy_and_resolve_references()
-  config.data.crops_file = _e2e_crops_file(config, workdir)
+  config.data.crops_file = benchmark_crops_file(config, workdir)
   bench = StepBench(config)
   step_result = benchmark_step(config, steps, warmup, repeats, bench=bench)
   iterator = loader.make_train_iterator(config, bench.batch_sharding, 0)

@@ -31,9 +31,11 @@ class StepBench:
     self.mesh, self.rules = train.create_mesh_and_rules(config)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules, ndim=1)
     with sharding_lib.use_rules(self.mesh, self.rules):
-      self.graphdef, self.state, self.state_shardings = train.init_sharded_state(
+      self.graphdef, state, self.state_shardings = train.init_sharded_state(
           config, self.mesh, self.rules)
+      self.leaves, self._treedef = jax.tree.leaves(state), jax.tree.structure(state)
       self.step_fn = train.make_train_step(self.graphdef, self.state_shardings, config)
+      self.stats = train.new_loop_stats(self.mesh, 0)
     b, s = config.train.global_batch_size, config.data.stored_crop_size
     first = tuple(self.batch_sharding.spec)[:1] or (None,)
 
@@ -50,18 +52,21 @@ class StepBench:
     self.batch = make_batch(jax.random.key(config.seed))
     t0 = time.perf_counter()
     with sharding_lib.use_rules(self.mesh, self.rules):
-      self.lowered = self.step_fn.lower(self.state, self.batch, jnp.int32(0))
+      self.lowered = self.step_fn.lower(self.leaves, self.stats, self.batch)
       self.compiled = self.lowered.compile()
     self.compile_s = time.perf_counter() - t0
-    self.steps_done = 0
 
   def run(self, batch=None) -> dict:
-    """One step on `batch` (default the synthetic one); returns the metrics (not waited on)."""
-    import jax.numpy as jnp
-    self.state, metrics = self.compiled(self.state, self.batch if batch is None else batch,
-                                        jnp.int32(self.steps_done))
-    self.steps_done += 1
-    return metrics
+    """One step on `batch` (default the synthetic one); returns the loop stats (not waited on)."""
+    self.leaves, self.stats = self.compiled(self.leaves, self.stats,
+                                            self.batch if batch is None else batch)
+    return self.stats
+
+  @property
+  def state(self):
+    """The train state (nnx.State) as of the last step."""
+    import jax
+    return jax.tree.unflatten(self._treedef, self.leaves)
 
   def time_steps(self, steps: int, warmup: int, repeats: int) -> list[float]:
     """Seconds per step of `repeats` runs of `steps` steps each, after `warmup` steps."""
@@ -69,13 +74,13 @@ class StepBench:
     for _ in range(warmup):
       metrics = self.run()
     if warmup:
-      jax.block_until_ready((self.state, metrics))
+      jax.block_until_ready((self.leaves, metrics))
     per_step = []
     for _ in range(repeats):
       t0 = time.perf_counter()
       for _ in range(steps):
         metrics = self.run()
-      jax.block_until_ready((self.state, metrics))
+      jax.block_until_ready((self.leaves, metrics))
       per_step.append((time.perf_counter() - t0) / steps)
     return per_step
 
@@ -163,7 +168,7 @@ def benchmark_profile(config, workdir: str, steps: int = 5, warmup: int = 3) -> 
   with jax.profiler.trace(log_dir):
     for _ in range(steps):
       metrics = bench.run()
-    jax.block_until_ready((bench.state, metrics))
+    jax.block_until_ready((bench.leaves, metrics))
   seconds = (time.perf_counter() - t0) / steps
   traces = sorted(glob.glob(os.path.join(log_dir, '**', '*.xplane.pb'), recursive=True))
   return {**describe_run(config), 'profile_dir': log_dir, 'traces': traces,

@@ -37,7 +37,7 @@ def _head(r: dict) -> list[tuple[str, str]]:
 
 def table_rows(what: str, r: dict) -> list[tuple[str, str]]:
   """(label, value) lines of the printed table for one result."""
-  if what in ('step', 'compare', 'e2e', 'comms', 'checkpoint', 'profile'):
+  if what in ('step', 'compare', 'e2e', 'loop', 'comms', 'checkpoint', 'profile'):
     rows = _head(r)
   else:
     rows = []
@@ -68,6 +68,17 @@ def table_rows(what: str, r: dict) -> list[tuple[str, str]]:
                             f"({100 * r['fraction_of_step']:.1f} % of the step, "
                             f"cache={r.get('cache', 'none')}, {r['data_workers']} Grain workers)"),
              ('input wait', f"{100 * r['input_wait_fraction']:.1f} % of the time")]
+  elif what == 'loop':
+    rows += [('bare loop', f"{r['bare_steps_per_s']:,.1f} steps/s (the compiled step back to back, "
+                           'batches on the device)'),
+             ('train loop', f"{r['loop_steps_per_s']:,.1f} steps/s, {r['loop_over_bare']:.3f} of "
+                            f"bare (train.TrainLoop fed by the input pipeline, "
+                            f"{r['data_workers']} Grain workers)"),
+             ('on device', f"{r['loop_on_device_steps_per_s']:,.1f} steps/s, "
+                           f"{r['loop_on_device_over_bare']:.3f} of bare (train.TrainLoop fed "
+                           'batches already on the device)'),
+             ('loop', f"log every {r['log_every_steps']} steps, at most "
+                      f"{r['max_steps_in_flight']} steps in flight")]
   elif what == 'comms':
     rows.append(('collective', 'measured ring bytes/device (ops) | analytic minimum'))
     for kind, c in r['collectives'].items():

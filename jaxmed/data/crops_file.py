@@ -19,6 +19,7 @@ nodule whatever its size, and each positive the nearest annotation's diameter ho
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -115,3 +116,14 @@ def check_uncapped(path: str | os.PathLike) -> None:
         'per scan, for training only), so its FROC would undercount false positives; build an '
         'uncapped one into another file (--mode=preprocess --config.data.negatives_per_scan=-1 '
         '--config.data.crops_file=<new file>) or point --config.data.crops_file at one')
+
+
+def identity(path: str | os.PathLike) -> dict[str, object]:
+  """What names a crops file's content: a digest of its `sources` attribute (every source file's
+  sha256) and its number of crops. A rebuilt file from the same sources keeps it."""
+  with h5py.File(os.fspath(path), 'r') as f:
+    sources = f.attrs['sources']
+    num_crops = int(f['crops'].shape[0])
+  if isinstance(sources, bytes):
+    sources = sources.decode()
+  return {'sources_sha256': hashlib.sha256(sources.encode()).hexdigest()[:16], 'crops': num_crops}
