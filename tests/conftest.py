@@ -97,3 +97,16 @@ def run_main(args, workdir, env_extra=None, timeout=600, check=True):
   if check and proc.returncode != 0:
     raise AssertionError(f'{" ".join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
   return proc
+
+
+def train_losses(workdir):
+  """{step: loss} of the train records in workdir/metrics.jsonl."""
+  import json
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  return {r['step']: r['loss'] for r in records if r['split'] == 'train'}
+
+
+def complete_steps(workdir):
+  """The checkpoint steps in workdir/checkpoints that Orbax finished writing."""
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY, cli_overrides, run_main
+from conftest import REPO, TINY, cli_overrides, complete_steps, run_main, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -23,17 +23,6 @@ def args_for(tiny_dataset, **overrides):
   merged = {**TINY, **tiny_dataset, **RUN, **MESH_2X4}
   merged.update({k.replace('__', '.'): v for k, v in overrides.items()})
   return ['--config=configs/default.py', *cli_overrides(merged)]
-
-
-def train_losses(workdir):
-  """{step: loss} of the train records in workdir/metrics.jsonl."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
-  return {r['step']: r['loss'] for r in records if r['split'] == 'train'}
-
-
-def complete_steps(workdir):
-  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
 
 
 @pytest.fixture(scope='module')

@@ -2,25 +2,14 @@
 and never saved, and a SIGTERM on a checkpoint step, on the last step or during evaluation saves
 once, stops cleanly and resumes exactly."""
 
-import json
-import os
 import signal
 
 import jax
 import pytest
 
+from conftest import complete_steps, train_losses
 from jaxmed import train
 from jaxmed.data import loader
-
-
-def train_losses(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
-  return {r['step']: r['loss'] for r in records if r['split'] == 'train'}
-
-
-def complete_steps(workdir):
-  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
 
 
 def test_between_log_steps_nothing_leaves_the_device(tiny_config, tmp_path, monkeypatch):
