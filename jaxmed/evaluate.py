@@ -22,7 +22,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxmed import checkpointing
 from jaxmed import reporting
 from jaxmed import train
 from jaxmed.data import crops_file
@@ -106,11 +105,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       f'subsets it holds ({held})')
   batch_sharding = sharding_lib.batch_sharding(mesh, rules, ndim=1)
   with sharding_lib.use_rules(mesh, rules):
-    checkpointer = checkpointing.Checkpointer(workdir, config)
-    graphdef, abstract_state, shardings = train.abstract_train_state(config, mesh, rules)
-    step_wanted = config.checkpoint.step if config.checkpoint.step >= 0 else None
-    state, step = train.restore_state(checkpointer, abstract_state, step_wanted)
-    checkpointer.close()
+    graphdef, state, shardings, step = train.restore_for_eval(config, workdir, mesh, rules)
     logging.info('evaluating step %d of %s on subsets %s', step, workdir, subsets)
     eval_step_fn = train.make_eval_step(graphdef, shardings, mesh, config)
     scores = train.predict(eval_step_fn, state, config, subsets, batch_sharding)

@@ -160,11 +160,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   montage_size = max(int(settings.montage_size), 0)
   top = {}  # seriesuid -> (rows, crops) of its best candidates.
   with sharding_lib.use_rules(mesh, rules):
-    checkpointer = checkpointing.Checkpointer(workdir, config)
-    graphdef, abstract_state, shardings = train.abstract_train_state(config, mesh, rules)
-    step_wanted = config.checkpoint.step if config.checkpoint.step >= 0 else None
-    state, step = train.restore_state(checkpointer, abstract_state, step_wanted)
-    checkpointer.close()
+    graphdef, state, shardings, step = train.restore_for_eval(config, workdir, mesh, rules)
     eval_fn = train.make_eval_step(graphdef, shardings, mesh, config)
 
     # ---- scans, one at a time: read, cut as preprocessing does, score

@@ -79,6 +79,21 @@ def restore_state(checkpointer: checkpointing.Checkpointer, abstract_state: nnx.
   return state, step
 
 
+def restore_for_eval(config, workdir: str, mesh, rules) -> tuple[nnx.GraphDef, nnx.State, Any,
+                                                                 int]:
+  """(graphdef, state, shardings, step) of workdir's checkpoint (config.checkpoint.step, or the
+  latest), placed on `mesh`: what --mode=eval and --mode=predict score with. Call inside
+  sharding.use_rules(mesh, rules)."""
+  checkpointer = checkpointing.Checkpointer(workdir, config)
+  try:
+    graphdef, abstract_state, shardings = abstract_train_state(config, mesh, rules)
+    step_wanted = config.checkpoint.step if config.checkpoint.step >= 0 else None
+    state, step = restore_state(checkpointer, abstract_state, step_wanted)
+  finally:
+    checkpointer.close()
+  return graphdef, state, shardings, step
+
+
 def init_sharded_state(config, mesh, rules) -> tuple[nnx.GraphDef, nnx.State, Any]:
   """Builds the train state directly in its shardings: abstract -> shardings -> jit(init).
 
