@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxmed.data.batches import GlobalBatches, to_global
 from jaxmed.data.sampling import train_batch_rows
 from jaxmed.data.source import CropsSource, split_by_label, split_rows
 from jaxmed.errors import ConfigError, UserError
@@ -203,7 +204,7 @@ def device_crops(config, rows: np.ndarray, batch_sharding) -> DeviceCrops:
   return _device_caches.get(key, lambda: DeviceCrops(CropsSource(path), rows, mesh, limit))
 
 
-class DeviceBatchIterator:
+class DeviceBatchIterator(GlobalBatches):
   """Batches gathered from a DeviceCrops: dicts of global jax.Arrays like loader.BatchIterator's.
 
   `make_batch(number)` returns (this process's host fields {name: (n, ...) numpy}, table
@@ -212,22 +213,12 @@ class DeviceBatchIterator:
 
   def __init__(self, cache: DeviceCrops, make_batch, batch_sharding, global_batch_size: int,
                first: int, num_batches: int | None = None):
-    from jaxmed.data.loader import to_global  # loader imports this module: import when used.
-    self._to_global = to_global
     self._cache = cache
     self._make_batch = make_batch
     self._batch_sharding = batch_sharding
     self._global_batch_size = global_batch_size
     self._next = first
     self.num_batches = num_batches
-
-  def __iter__(self):
-    return self
-
-  def __len__(self) -> int:
-    if self.num_batches is None:
-      raise TypeError('a training iterator has no length: it runs until closed')
-    return self.num_batches
 
   def __next__(self) -> dict[str, jax.Array]:
     if self._cache is None or (self.num_batches is not None and self._next >= self.num_batches):
@@ -237,17 +228,11 @@ class DeviceBatchIterator:
     self._next += 1
     batch = {'crops': self._cache.gather(positions, self._batch_sharding)}
     for name, value in fields.items():
-      batch[name] = self._to_global(value, self._batch_sharding, self._global_batch_size)
+      batch[name] = to_global(value, self._batch_sharding, self._global_batch_size)
     return batch
 
   def close(self) -> None:
     self._cache = None  # The kept cache stays for the next iterator over the same rows.
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc_info):
-    self.close()
 
 
 def device_train_iterator(config, batch_sharding, start_step: int,

@@ -23,10 +23,11 @@ import grain
 import jax
 import numpy as np
 from absl import flags
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from jaxmed.data import cache as cache_lib
 from jaxmed.data.batch_ring import BatchRing, aligned_empty, slots_needed
+from jaxmed.data.batches import GlobalBatches, batch_axis_sharding, to_global
 from jaxmed.data.sampling import train_batch_rows
 from jaxmed.data.source import CropsSource, split_by_label, split_rows
 
@@ -47,14 +48,6 @@ def _check_divisible(global_batch_size: int, num_shards: int, axes) -> None:
         f'eval_batch_size to a multiple of {num_shards}')
 
 
-def _batch_axis_sharding(batch_sharding: jax.sharding.Sharding, ndim: int):
-  """The sharding of a rank-`ndim` batch array: batch_sharding's spec cut or padded to ndim."""
-  if isinstance(batch_sharding, NamedSharding):
-    spec = (tuple(batch_sharding.spec) + (None,) * ndim)[:ndim]
-    return NamedSharding(batch_sharding.mesh, PartitionSpec(*spec))
-  return batch_sharding
-
-
 def process_batch_rows(batch_sharding: jax.sharding.Sharding,
                        global_batch_size: int) -> np.ndarray:
   """Positions in the global batch (int64, increasing) held by this process's devices.
@@ -62,7 +55,7 @@ def process_batch_rows(batch_sharding: jax.sharding.Sharding,
   Read from batch_sharding.addressable_devices_indices_map, in the order
   jax.make_array_from_process_local_data expects the process-local rows.
   """
-  sharding = _batch_axis_sharding(batch_sharding, 1)
+  sharding = batch_axis_sharding(batch_sharding, 1)
   if isinstance(sharding, NamedSharding) and sharding.spec and sharding.spec[0] is not None:
     axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
     _check_divisible(global_batch_size, int(np.prod([sharding.mesh.shape[a] for a in axes])),
@@ -182,15 +175,7 @@ def _close_open_iterators() -> None:
     iterator.close()
 
 
-def to_global(value: np.ndarray, batch_sharding: jax.sharding.Sharding,
-              global_batch_size: int) -> jax.Array:
-  """This process's rows (n, ...) of a global (B, ...) batch array, as the global jax.Array."""
-  return jax.make_array_from_process_local_data(
-      _batch_axis_sharding(batch_sharding, value.ndim), value,
-      (global_batch_size,) + value.shape[1:])
-
-
-class BatchIterator:
+class BatchIterator(GlobalBatches):
   """Iterator of dicts of global jax.Arrays, assembled from this process's numpy batches.
 
   close() (or leaving a `with` block, or running out, or exiting) stops Grain's worker processes.
@@ -206,14 +191,6 @@ class BatchIterator:
     self.num_batches = num_batches
     self._closed = False
     _open_iterators.add(self)
-
-  def __iter__(self):
-    return self
-
-  def __len__(self) -> int:
-    if self.num_batches is None:
-      raise TypeError('a training iterator has no length: it runs until closed')
-    return self.num_batches
 
   def __next__(self) -> dict[str, jax.Array]:
     if self._closed:
@@ -236,12 +213,6 @@ class BatchIterator:
       self._iterator = None  # Drops buffered batches.
       if self._ring is not None:
         self._ring.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc_info):
-    self.close()
 
 
 def make_train_iterator(config, batch_sharding: jax.sharding.Sharding,
