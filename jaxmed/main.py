@@ -53,7 +53,7 @@ def main(argv):
   with exit_with_one_line():
     distributed.initialize(config)
     if _MODE.value == 'synthesize':
-      from jaxmed.data import synthetic
+      from jaxmed.scans import synthetic
       synthetic.synthesize(config)
     elif _MODE.value == 'preprocess':
       from jaxmed.data import preprocess

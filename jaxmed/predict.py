@@ -24,10 +24,10 @@ from absl import logging
 
 from jaxmed import checkpointing
 from jaxmed import train
-from jaxmed.data import luna16
+from jaxmed.scans import luna16
 from jaxmed.data import loader
-from jaxmed.data import scan_formats
-from jaxmed.data.luna16 import DataError
+from jaxmed.scans import scan_formats
+from jaxmed.scans.luna16 import DataError
 from jaxmed.errors import ConfigError
 from jaxmed.evaluation import plots
 from jaxmed.evaluation import submission

@@ -28,7 +28,7 @@ from jaxmed import reporting
 from jaxmed.data import loader
 from jaxmed.data import prepare
 from jaxmed.errors import UserError
-from jaxmed.models import create_model, count_params
+from jaxmed.models import communication_plan, create_model, count_params
 from jaxmed.parallel import communication
 from jaxmed.parallel import mesh as mesh_lib
 from jaxmed.parallel import sharding as sharding_lib
@@ -328,8 +328,9 @@ def create_mesh_and_rules(config) -> tuple[jax.sharding.Mesh, tuple]:
   mesh_lib.check_batch_divisible(config.train.eval_batch_size, mesh, rules)
   logging.info('mesh %s on %d %s devices, %d process(es)', mesh_lib.describe(mesh), mesh.size,
                jax.devices()[0].platform, jax.process_count())
-  split = communication.spatial_summary(config.model, config.data.crop_size,
-                                        config.train.global_batch_size, dict(mesh.shape))
+  split = (communication.spatial_summary(
+      communication_plan(config.model, config.data.crop_size, config.train.global_batch_size),
+      dict(mesh.shape)) if mesh.shape.get('spatial', 1) > 1 else None)
   if split:  # Which layers the spatial axis splits, and which fall back to replication, why.
     logging.info(split)
   return mesh, rules

@@ -67,7 +67,8 @@ def cli_overrides(overrides):
 def tiny_dataset(tmp_path_factory):
   """{'data.raw_dir': ..., 'data.crops_file': ...} of a synthesized + preprocessed dataset."""
   from configs import default
-  from jaxmed.data import preprocess, synthetic
+  from jaxmed.data import preprocess
+  from jaxmed.scans import synthetic
   root = tmp_path_factory.mktemp('tiny_dataset')
   paths = {'data.raw_dir': str(root / 'raw'), 'data.crops_file': str(root / 'crops.h5')}
   config = apply_overrides(default.get_config(), {**TINY, **paths})

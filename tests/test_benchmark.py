@@ -171,15 +171,18 @@ def test_summary_collects_the_runs(tmp_path):
   step = {'what': 'step', 'config': 'x', 'model': 'resnet3d', 'depth': 18, 'width': 64,
           'space_to_depth': 'none', 'dtype': 'bfloat16', 'crop_size': 32,
           'stored_crop_size': 40, 'global_batch_size': 256, 'device_kind': 'H100',
-          'samples_per_s': 20000.0, 'model_tflops_per_s': 60.0, 'mfu': 0.08}
+          'samples_per_s': 20000.0, 'model_tflops_per_s': 60.0, 'mfu': 0.08,
+          'jax': '0.11.2'}  # a step result names the JAX version under 'jax', as the real one does
   compare = dict(step, what='compare', jax=step, torch_samples_per_s=19000.0,
                  jax_over_torch=20000 / 19000)
-  for name, r in (('a', step), ('b', compare)):
+  e2e = dict(step, what='e2e', step=step, e2e_samples_per_s=9000.0, fraction_of_step=0.45)
+  for name, r in (('a', step), ('b', compare), ('c', e2e)):
     os.makedirs(tmp_path / name)
     with open(tmp_path / name / f"benchmark_{r['what']}.json", 'w') as f:
       json.dump(r, f)
   text, readme = tables.summarize(str(tmp_path))
   assert '20,000' in text and '19,000' in text and '1.05' in text
+  assert '9,000' in text and '45%' in text and len(text.splitlines()) == 4
   assert len(readme) == 1 and 'H100' in readme[0]
   assert np.isfinite(step['mfu'])
 

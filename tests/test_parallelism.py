@@ -17,6 +17,7 @@ import pytest
 from configs import default
 from jaxmed.benchmarks import comms
 from jaxmed.parallel import collectives
+from jaxmed.models import communication_plan
 from jaxmed.parallel import communication
 
 # name -> ici sizes (data, fsdp, model, spatial): the shipped mesh configs' shapes on 8 devices.
@@ -120,8 +121,8 @@ def test_parameters_and_optimizer_state_are_split_as_the_axes_say(name):
 def test_forward_activations_are_split_over_batch_channels_and_depth(name):
   config, step, _ = compiled(name)
   sizes = dict(zip(AXES, MESHES[name]))
-  plan = communication.trace_plan(config.model, config.data.crop_size,
-                                  config.train.global_batch_size)
+  plan = communication_plan(config.model, config.data.crop_size,
+                            config.train.global_batch_size)
   stem_global = math.prod(plan.layers[0].output_shape)  # (16, 16, 16, 16, 8)
   stem_per_device = stem_convolution_elements(step['compiled'].as_text())
   # The largest activation: batch over data x fsdp, channels over model, depth over spatial;
@@ -163,12 +164,14 @@ def test_fsdp_gradients_are_reduce_scattered_as_all_reduce_plus_slices_on_cpu():
 
 def test_spatial_startup_line_names_the_layers_left_whole():
   config = small_config(MESHES['data2_spatial4'])
-  line = communication.spatial_summary(config.model, 32, 16, {'spatial': 4})
+  line = communication.spatial_summary(communication_plan(config.model, 32, 16),
+                                       {'spatial': 4})
   assert line.startswith('spatial parallelism over 4 devices at 32^3: ')
   # 32^3: stem 16^3, pool 8^3, stage 2 4^3, stage 3 2^3, stage 4 1^3: stages 3-4 stay whole.
   assert 'blocks/2/conv1 (depth 4 -> 2 does not divide by 4)' in line
   assert 'blocks/1/' not in line and 'stem' not in line
-  assert communication.spatial_summary(config.model, 32, 16, {'spatial': 1}) is None
+  assert communication.spatial_summary(communication_plan(config.model, 32, 16),
+                                       {'spatial': 1}) is None
 
 
 def test_halo_planes_follow_same_padding():
@@ -213,7 +216,7 @@ def test_a_nominal_spatial_axis_is_caught(monkeypatch):
   config = small_config(MESHES['data2_spatial4'])
   step = comms.compile_train_step(config)
   result = comms.benchmark_comms(config, step)
-  plan = communication.trace_plan(config.model, 32, 16)
+  plan = communication_plan(config.model, 32, 16)
   assert stem_convolution_elements(step['compiled'].as_text()) > (
       math.prod(plan.layers[0].output_shape) // 8)
   assert result['collectives']['collective-permute']['ring_bytes'] < (

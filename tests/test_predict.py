@@ -17,11 +17,11 @@ from jaxmed import checkpointing
 from jaxmed import evaluate
 from jaxmed import predict
 from jaxmed import train
-from jaxmed.data import convert
-from jaxmed.data import luna16
+from jaxmed.scans import convert
+from jaxmed.scans import luna16
 from jaxmed.data import preprocess
-from jaxmed.data import scan_formats
-from jaxmed.data import synthetic
+from jaxmed.scans import scan_formats
+from jaxmed.scans import synthetic
 from jaxmed.errors import UserError
 from jaxmed.parallel import sharding as sharding_lib
 

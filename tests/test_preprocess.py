@@ -16,9 +16,9 @@ import SimpleITK as sitk
 
 from configs import default
 from jaxmed.data import crops_file
-from jaxmed.data import luna16
+from jaxmed.scans import luna16
 from jaxmed.data import preprocess
-from jaxmed.data import synthetic
+from jaxmed.scans import synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ('crops', 'label', 'seriesuid', 'subset', 'center_world', 'diameter_mm', 'exclude')

@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from configs import default
-from jaxmed.data import luna16
-from jaxmed.data import synthetic
+from jaxmed.scans import luna16
+from jaxmed.scans import synthetic
 
 
 def small_config(raw_dir, seed=0):

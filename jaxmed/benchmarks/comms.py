@@ -75,12 +75,12 @@ def benchmark_comms(config, step: dict[str, Any] | None = None) -> dict[str, Any
   and per-device memory (parameters, optimizer state, temporaries). `step`: the output of
   compile_train_step(config), when the caller has it already."""
   from jaxmed.parallel import collectives
+  from jaxmed.models import communication_plan
   from jaxmed.parallel import communication
   step = step or compile_train_step(config)
   compiled, mesh = step['compiled'], step['mesh']
   measured = collectives.summarize(collectives.parse_collectives(compiled.as_text()))
-  plan = communication.trace_plan(config.model, config.data.crop_size,
-                                  config.train.global_batch_size)
+  plan = communication_plan(config.model, config.data.crop_size, config.train.global_batch_size)
   itemsize = 2 if config.model.dtype == 'bfloat16' else 4
   minimum = communication.minimum_bytes(plan, dict(mesh.shape), step['rules'], itemsize)
   measured_total = sum(c['ring_bytes'] for c in measured.values())

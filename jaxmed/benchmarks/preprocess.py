@@ -23,9 +23,9 @@ def benchmark_preprocess(config, repeats: int = 2) -> dict[str, Any]:
   """
   import SimpleITK as sitk
 
-  from jaxmed.data import luna16
+  from jaxmed.scans import luna16
   from jaxmed.data import preprocess
-  from jaxmed.data import synthetic as synthetic_lib
+  from jaxmed.scans import synthetic as synthetic_lib
   synth = config.data.synthetic.copy_and_resolve_references()
   synth.nodules_per_scan = (4, 4)
   synth.positives_per_nodule = (2, 2)

@@ -139,7 +139,9 @@ def summarize(root: str) -> tuple[str, list[str]]:
   lines, readme = [header], []
   for name, r in results:
     what = r.get('what')
-    step = r.get('jax') or r.get('step') or (r if what == 'step' else None)
+    # compare nests the JAX step under 'jax', e2e under 'step'; a step result is the step itself
+    # (its own 'jax' is the version string).
+    step = {'compare': r.get('jax'), 'e2e': r.get('step'), 'step': r}.get(what)
     if step is None:
       continue
     torch_rate = r.get('torch_samples_per_s')

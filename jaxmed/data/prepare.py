@@ -36,7 +36,7 @@ def ensure_crops_file(config) -> int:
   if config.data.auto_prepare:
     if jax.process_index() == 0 and not os.path.exists(path):  # One writer; others wait below.
       from jaxmed.data import preprocess
-      from jaxmed.data import synthetic
+      from jaxmed.scans import synthetic
       if not _has_scans(config.data.raw_dir):
         logging.warning('no scans in %s: synthesizing the synthetic LUNA16-format dataset first',
                         config.data.raw_dir)

@@ -30,8 +30,8 @@ import SimpleITK as sitk
 from absl import logging
 
 from jaxmed.data import crops_file as crops_schema
-from jaxmed.data import luna16
-from jaxmed.data.luna16 import DataError
+from jaxmed.scans import luna16
+from jaxmed.scans.luna16 import DataError
 from jaxmed.reporting import format_seconds
 
 # LUNA16's evaluation reads an annotation's negative diameter as 10 mm.

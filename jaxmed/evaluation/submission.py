@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from jaxmed import files
-from jaxmed.data import luna16
+from jaxmed.scans import luna16
 from jaxmed.errors import UserError
 
 

@@ -48,6 +48,21 @@ def create_model(model_config: Any, *, rngs: nnx.Rngs) -> nnx.Module:
       f'unknown model {name!r}; set --config.model.name to one of: {", ".join(MODEL_NAMES)}')
 
 
+def reference_model(model_config: Any) -> nnx.Module:
+  """The abstract model (nnx.eval_shape, no arrays) of config.model in its reference math:
+  space_to_depth rewrites off, since how XLA computes a strided conv is its own business."""
+  config = dict(model_config.to_dict() if hasattr(model_config, 'to_dict') else model_config)
+  config['space_to_depth'] = 'none'
+  return nnx.eval_shape(lambda: create_model(config, rngs=nnx.Rngs(0)))
+
+
+def communication_plan(model_config: Any, crop_size: int, global_batch_size: int):
+  """parallel.communication's plan of config.model on (B, S, S, S, 1) crops."""
+  from jaxmed.parallel import communication
+  return communication.trace_plan(reference_model(model_config),
+                                  (global_batch_size,) + (crop_size,) * 3 + (1,))
+
+
 def count_params(model: nnx.Module) -> int:
   """Number of trainable parameters (nnx.Param elements; batch statistics excluded).
 

@@ -74,14 +74,11 @@ class Plan:
   conv_param_depths: dict[int, int]  # param index -> output depth of the conv that uses it
 
 
-def trace_plan(model_config: Any, crop_size: int, global_batch_size: int) -> Plan:
-  """Layers and parameters of the model's forward pass on (B, S, S, S, 1) crops (abstract)."""
-  from jaxmed.models import create_model
-  config = dict(model_config.to_dict() if hasattr(model_config, 'to_dict') else model_config)
-  if 'space_to_depth' in config:
-    config['space_to_depth'] = 'none'  # The reference math; how XLA computes it is its business.
-  abstract = nnx.eval_shape(lambda: create_model(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
+def trace_plan(model: nnx.Module, input_shape: tuple[int, ...]) -> Plan:
+  """Layers and parameters of `model`'s forward pass (training mode) on float32 inputs of
+  `input_shape` ((B, D, H, W, 1) crops or patches). `model` may be abstract (nnx.eval_shape):
+  only shapes are traced. The caller builds the model, so this package imports none."""
+  graphdef, state = nnx.split(model)
 
   def forward(state, crops):
     model = nnx.merge(graphdef, state)
@@ -91,7 +88,7 @@ def trace_plan(model_config: Any, crop_size: int, global_batch_size: int) -> Pla
   is_variable = lambda x: isinstance(x, nnx.Variable)
   variables = jax.tree.leaves(state, is_leaf=is_variable)
   paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_variable)[0]]
-  crops = jax.ShapeDtypeStruct((global_batch_size,) + (crop_size,) * 3 + (1,), np.float32)
+  crops = jax.ShapeDtypeStruct(tuple(input_shape), np.float32)
   closed = jax.make_jaxpr(forward)(state, crops)
   jaxpr = closed.jaxpr
   param_of = {v: i for i, v in enumerate(jaxpr.invars[:len(variables)])}
@@ -244,13 +241,12 @@ def minimum_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
           'replicated_layers': replicated}
 
 
-def spatial_summary(model_config: Any, crop_size: int, global_batch_size: int,
-                    mesh_shape: dict[str, int]) -> str | None:
+def spatial_summary(plan: Plan, mesh_shape: dict[str, int]) -> str | None:
   """One line: which layers split over the spatial axis and which run replicated, and why."""
   devices = mesh_shape.get('spatial', 1)
   if devices < 2:
     return None
-  plan = trace_plan(model_config, crop_size, global_batch_size)
+  crop_size = plan.layers[0].input_shape[1]
   replicated = []
   for layer in plan.layers:
     depth, out = layer.input_shape[1], layer.output_shape[1]

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 from absl import logging
 
-from jaxmed.data import luna16
+from jaxmed.scans import luna16
 
 UID_PREFIX = '1.3.6.1.4.1.14519.5.2.1.6279.6001.'
 MARKER = 'SYNTHETIC.json'  # Marks a raw_dir written by synthesize (and lists its files).

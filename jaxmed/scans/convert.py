@@ -1,6 +1,6 @@
 """Writes scans as DICOM series or NIfTI with SimpleITK, e.g. synthetic scans to try --mode=predict.
 
-  python -m jaxmed.data.convert --format=dicom --candidates=data/raw/synthetic/candidates_V2.csv \
+  python -m jaxmed.scans.convert --format=dicom --candidates=data/raw/synthetic/candidates_V2.csv \
       data/raw/synthetic/subset9 data/raw/synthetic_dicom/subset9
 
 writes each scan under the input folder as <output>/<seriesuid>/<slice>.dcm (or, with
@@ -20,8 +20,8 @@ import sys
 import SimpleITK as sitk
 
 from jaxmed import files
-from jaxmed.data import scan_formats
-from jaxmed.data.luna16 import DataError
+from jaxmed.scans import scan_formats
+from jaxmed.scans.luna16 import DataError
 
 FORMATS = ('dicom', 'nifti')
 _RESCALE_INTERCEPT = -1024  # What CT scanners store: unsigned HU + 1024.
@@ -144,7 +144,7 @@ def convert_scans(scans_dir: str, out_dir: str, fmt: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m jaxmed.data.convert', description=__doc__,
+  parser = argparse.ArgumentParser(prog='python -m jaxmed.scans.convert', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--format', required=True, choices=FORMATS)
   parser.add_argument('--candidates', default=None,

@@ -13,8 +13,8 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
-from jaxmed.data import luna16
-from jaxmed.data.luna16 import DataError
+from jaxmed.scans import luna16
+from jaxmed.scans.luna16 import DataError
 
 NIFTI_SUFFIXES = ('.nii.gz', '.nii')
 # Relative deviation of a slice gap from the series' median gap that still counts as even.
