@@ -15,6 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = 'default'  # Run name: the default workdir is workdirs/<name>.
   config.seed = 0  # One seed for data order, augmentation and initialisation.
+  # What the one training loop trains: 'classify' (score candidates from crops: the crops file)
+  # or 'detect' (find nodules in whole scans: the volumes file and config.detect).
+  config.task = 'classify'
   # Compiled XLA programs are kept here and reused by later runs ('' = off);
   # $JAX_COMPILATION_CACHE_DIR, when set, wins.
   config.compilation_cache_dir = '~/.cache/jaxmed/xla'
@@ -26,6 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.annotations_csv = 'annotations.csv'  # Relative to raw_dir unless absolute.
   data.annotations_excluded_csv = ''  # LUNA16's annotations_excluded.csv for FROC; '' = none.
   data.crops_file = 'data/preprocessed/synthetic_crops.h5'  # The HDF5 crops file (schema v2).
+  # The HDF5 volumes file (task 'detect'): every scan resampled to detect.spacing_mm.
+  data.volumes_file = 'data/preprocessed/synthetic_volumes.h5'
   data.auto_prepare = True  # train/eval: synthesize + preprocess the default dataset if missing.
   data.overwrite = False  # preprocess/synthesize: replace a complete output instead of stopping.
   data.strict = False  # preprocess: a candidate whose scan is missing is an error, not a skip.
@@ -160,6 +165,24 @@ def get_config() -> ml_collections.ConfigDict:
   predict.candidates_csv = ''  # seriesuid,coordX,coordY,coordZ (world mm) [,class].
   predict.output_dir = ''  # Where predictions.csv and montages go ('' = <workdir>/predict).
   predict.montage_size = 4  # Top-scoring candidates shown per scan (0 = no montages).
+
+  # ---- detection (task 'detect', --mode=detect, --mode=predict without candidates) ---------
+  config.detect = detect = ml_collections.ConfigDict()
+  detect.spacing_mm = 1.0  # Isotropic spacing of the volumes file and of detection, mm.
+  detect.patch_size = (64, 64, 64)  # Training patch (D, H, W) voxels at spacing_mm.
+  detect.positive_fraction = 0.5  # Fraction of patches holding a nodule centre, in [0, 1].
+  detect.margin_vox = 4  # A positive patch's nodule centre lies this far inside its faces.
+  detect.max_nodules_per_patch = 8  # Nodule slots per patch in a batch (padded, masked).
+  detect.stride = 4  # Output stride of the heatmap, voxels.
+  detect.threshold = 0.05  # Heatmap probability below which peaks are dropped, in [0, 1].
+  detect.max_per_scan = 100  # Detections kept per scan (top by probability).
+  detect.nms_kernel = 3  # Max-pool non-maximum suppression window on the heatmap, output voxels.
+  # Whole-scan inference: a device's slab above this many input voxels runs as windows along
+  # depth (with overlap covering the receptive field) instead of one call (0 = no limit).
+  detect.max_voxels_per_device = 0
+  detect.classifier_workdir = ''  # A crop classifier's workdir: re-score each detection.
+  detect.combine = 'product'  # Detector x classifier score rule (see jaxmed/detect.py).
+  detect.output_dir = ''  # Where detections.csv and montages go ('' = <workdir>/detect).
 
   # ---- multi-host (jax.distributed) -------------------------------------------------------
   config.distributed = dist = ml_collections.ConfigDict()
