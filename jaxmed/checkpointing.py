@@ -1,13 +1,16 @@
 """The one module that knows Orbax: when to save, save, find the latest complete step, restore
 onto any mesh, and refuse a resume that would change the data stream.
 
-A checkpoint step holds up to three items:
+A checkpoint step holds up to four items:
   state        the train state as a pure dict of arrays (parameters, optimizer state, BatchNorm
                statistics, step); restored into ShapeDtypeStructs that carry the CURRENT mesh's
                shardings, so a run saved on one mesh or process count resumes on another;
   config       the config that wrote it (JSON), to refuse a restore into a different model;
   data_stream  (training runs) what decides which examples form step N and the schedule
-               (data_stream()), to refuse a resume that would silently change them.
+               (data_stream()), to refuse a resume that would silently change them;
+  logged_sums  (training runs) the metric sums and their count since the last log step (JSON),
+               so that the first log step after a resume averages the same steps as a run never
+               stopped (a checkpoint without it, from before it existed, resumes with zeros).
 The data position is the step itself (the input order is a pure function of seed and step), so
 no iterator state is needed. Orbax writes each step into a temporary folder and renames it when
 complete: a step that did not finish writing is never listed, hence never restored.
@@ -134,7 +137,8 @@ class Checkpointer:
         should_save_fn=self._due if training else None,
         create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'config', 'data_stream'))
+                                          item_names=('state', 'config', 'data_stream',
+                                                                      'logged_sums'))
 
   def _on_sigterm(self, signum, frame):
     # Only a flag: a second SIGTERM during the final save cannot interrupt (and corrupt) it.
@@ -163,9 +167,10 @@ class Checkpointer:
     noticed)."""
     return self._manager.should_save(step)
 
-  def save(self, step: int, state: dict) -> bool:
+  def save(self, step: int, state: dict, logged_sums: dict[str, float] | None = None) -> bool:
     """Starts saving `state` (a pure dict of jax.Arrays) at `step`; returns before it is done.
 
+    logged_sums: {name: number} the loop has summed since its last log step (steps.logged_sums).
     A step already saved is left as it is (False): saving is idempotent.
     """
     if step in self.all_steps():
@@ -174,6 +179,8 @@ class Checkpointer:
              'config': ocp.args.JsonSave(_normalise(self.config.to_dict()))}
     if self._data_stream is not None:
       items['data_stream'] = ocp.args.JsonSave(self._data_stream)
+    if logged_sums is not None:
+      items['logged_sums'] = ocp.args.JsonSave(logged_sums)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, int]:
@@ -204,6 +211,20 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
     return restored['state'], step
+
+  def logged_sums(self, step: int) -> dict[str, float] | None:
+    """The logged-metric sums saved with `step`; None when there is no checkpoint at `step` (a
+    new run) or it holds none (written before they were saved: logged, and the first log step
+    after the resume averages only the steps run since it)."""
+    if step not in self.all_steps():
+      return None
+    if 'logged_sums' not in self._manager.metadata(step).item_metadata:
+      logging.warning('checkpoint step %d of %s holds no logged-metric sums: the first logged '
+                      'means after the resume cover only the steps since step %d', step,
+                      self.directory, step)
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(
+        logged_sums=ocp.args.JsonRestore()))['logged_sums']
 
   def _check_data_stream(self, step: int) -> None:
     if 'data_stream' not in self._manager.metadata(step).item_metadata:

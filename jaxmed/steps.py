@@ -100,22 +100,28 @@ def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Arr
 LOGGED_METRICS = ('loss', 'grad_norm', 'learning_rate')
 
 
-def _initial_loop_stats(step: jax.Array) -> dict[str, jax.Array]:
+def _initial_loop_stats(step: jax.Array, count: jax.Array,
+                        sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
   zero = lambda dtype=jnp.float32: jnp.zeros((), dtype)
-  return {'step': jnp.asarray(step, jnp.int32), 'count': zero(jnp.int32),
-          **{k: zero() for k in LOGGED_METRICS},
+  return {'step': jnp.asarray(step, jnp.int32), 'count': jnp.asarray(count, jnp.int32),
+          **{k: jnp.asarray(sums[k], jnp.float32) for k in LOGGED_METRICS},
           'nonfinite': zero(jnp.int32), 'first_nonfinite_step': jnp.full((), -1, jnp.int32),
           'first_nonfinite_loss': zero(), 'first_nonfinite_grad_norm': zero()}
 
 
-def new_loop_stats(mesh: jax.sharding.Mesh, step: int) -> dict[str, jax.Array]:
+def new_loop_stats(mesh: jax.sharding.Mesh, step: int,
+                   sums: dict[str, float] | None = None) -> dict[str, jax.Array]:
   """The small record the loop carries beside the state, on the device, replicated (scalars).
 
   step int32: the next step to run. count int32 and float32 sums of LOGGED_METRICS over the
-  good steps since the last log step. nonfinite int32: steps whose loss or gradient norm was
-  NaN or Inf; first_nonfinite_step int32 (-1 = none) with its loss and grad_norm.
+  good steps since the last log step: zero, or `sums` (logged_sums of a checkpoint, so that the
+  first log step after a resume averages the same steps as a run that was never stopped).
+  nonfinite int32: steps whose loss or gradient norm was NaN or Inf; first_nonfinite_step int32
+  (-1 = none) with its loss and grad_norm.
   """
-  return jax.jit(_initial_loop_stats, out_shardings=NamedSharding(mesh, PartitionSpec()))(step)
+  sums = sums or {}
+  return jax.jit(_initial_loop_stats, out_shardings=NamedSharding(mesh, PartitionSpec()))(
+      step, sums.get('count', 0), {k: sums.get(k, 0.0) for k in LOGGED_METRICS})
 
 
 @jax.jit
@@ -123,6 +129,13 @@ def zero_logged_sums(stats: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """The stats with count and the LOGGED_METRICS sums zeroed, on the device (no transfer)."""
   return {**stats, 'count': jnp.zeros_like(stats['count']),
           **{k: jnp.zeros_like(stats[k]) for k in LOGGED_METRICS}}
+
+
+def logged_sums(host_stats: dict[str, Any]) -> dict[str, float]:
+  """{'count': int, metric: float} of stats fetched with jax.device_get: what a checkpoint
+  keeps of the sums since the last log step (plain numbers; each float32 sum exactly)."""
+  return {'count': int(host_stats['count']),
+          **{k: float(host_stats[k]) for k in LOGGED_METRICS}}
 
 
 def logged_means(host_stats: dict[str, Any]) -> dict[str, float]:

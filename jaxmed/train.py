@@ -35,6 +35,7 @@ from jaxmed.parallel import sharding as sharding_lib
 # The optimizer and the steps live in jaxmed/steps.py; train.<name> reaches them as before.
 from jaxmed.steps import (learning_rate_schedule, make_optimizer, bce_loss, train_step, eval_step,
                           LOGGED_METRICS, new_loop_stats, zero_logged_sums, logged_means,
+                          logged_sums,
                           guarded_train_step, make_train_step, make_eval_step, predict,
                           classification_metrics)
 
@@ -137,7 +138,8 @@ class TrainLoop:
     self.leaves = jax.tree.leaves(state)  # The state, as the step takes it (make_train_step).
     self._treedef = jax.tree.structure(state)
     self.step = step  # Steps dispatched so far; the device may still be running the last few.
-    self.stats = new_loop_stats(batch_sharding.mesh, step)
+    # A resumed run continues the sums its checkpoint saved since the last log step.
+    self.stats = new_loop_stats(batch_sharding.mesh, step, checkpointer.logged_sums(step))
     self.batch = None  # The batch of `step`, already on its way to the device.
     self.val_metrics: dict[str, Any] = {}
     self.stopped = False  # Stopped by a preemption, its step saved.
@@ -204,8 +206,9 @@ class TrainLoop:
     # multi-process sync point, checked at every step on every process, or a SIGTERM).
     preempted = self.checkpointer.reached_preemption(step)
     if self.checkpointer.should_save(step):
-      self._fetch_stats()  # The NaN guard: a non-finite step never reaches a checkpoint.
-      self.checkpointer.save(step, nnx.to_pure_dict(self.state))
+      # The NaN guard: a non-finite step never reaches a checkpoint.
+      sums = logged_sums(self._fetch_stats())
+      self.checkpointer.save(step, nnx.to_pure_dict(self.state), sums)
     if preempted:
       self.checkpointer.wait()
       logging.warning('stop requested (SIGTERM / preemption): saved step %d to %s; run the '
@@ -231,8 +234,11 @@ class TrainLoop:
     return stats
 
   def _log(self) -> None:
-    means = logged_means(self._fetch_stats())
+    stats = self._fetch_stats()
+    means = logged_means(stats)
     self.stats = zero_logged_sums(self.stats)
+    # A checkpoint of this step saves the zeroed sums, without fetching them again.
+    self._fetched = (self.step, {**stats, 'count': 0, **{k: 0.0 for k in LOGGED_METRICS}})
     rates = self.progress.report(self.step, {'loss': means['loss'],
                                              'lr': means['learning_rate']})
     self.writer.write(self.step, 'train', {**means, **rates})

@@ -194,3 +194,66 @@ def test_the_data_stream_names_the_crops_file_by_its_sources_not_the_mesh(tiny_c
   other = checkpointing.data_stream(tiny_config(data__crops_file=copy))
   diffs = checkpointing.differing_data_stream(stream, other)
   assert len(diffs) == 1 and diffs[0].startswith('crops_file.sources_sha256 '), diffs
+
+
+def metrics_rows(workdir):
+  """{(split, step): record} of workdir/metrics.jsonl."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  return {(r['split'], r['step']): r for r in records}
+
+
+# Logs at 4, 8, 12, validation at 6 and 12, checkpoints at 6 and 12: step 5 is none of them.
+BETWEEN_LOGS = dict(train__log_every_steps=4, train__eval_every_steps=6)
+
+
+def test_sigterm_between_log_steps_leaves_every_metrics_row_as_if_never_stopped(tiny_dataset,
+                                                                                 tmp_path):
+  expected_dir, workdir = str(tmp_path / 'uninterrupted'), str(tmp_path / 'stopped')
+  run_main(args_for(tiny_dataset, **BETWEEN_LOGS), expected_dir)
+  stop = run_main(args_for(tiny_dataset, **BETWEEN_LOGS, train__sigterm_at_step=5), workdir)
+  assert 'saved step 5' in stop.stderr and complete_steps(workdir) == [5]
+  assert sorted(metrics_rows(workdir)) == [('train', 4)]
+
+  resume = run_main(args_for(tiny_dataset, **BETWEEN_LOGS), workdir)  # The same command.
+  assert 'resumed from step 5' in resume.stderr
+  got, expected = metrics_rows(workdir), metrics_rows(expected_dir)
+  assert sorted(got) == sorted(expected) == [('train', 4), ('train', 8), ('train', 12),
+                                             ('val', 6), ('val', 12)]
+  for key, want in expected.items():
+    names = (('loss', 'grad_norm', 'learning_rate') if key[0] == 'train'
+             else [k for k, v in want.items() if isinstance(v, float)])
+    assert names, want
+    np.testing.assert_allclose([got[key][k] for k in names], [want[k] for k in names],
+                               rtol=1e-6, err_msg=f'{key}: {names}')
+
+
+def test_a_checkpoint_without_logged_sums_resumes_from_zero_sums(tiny_config, tmp_path, caplog):
+  import jax
+  import jax.numpy as jnp
+
+  from jaxmed import checkpointing
+  from jaxmed import train
+  config = tiny_config()
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), config, training=True)
+  try:
+    state = {'kernel': jnp.arange(3.0)}  # The sums are an item of their own, beside any state.
+    checkpointer.save(3, state)  # As before the sums were saved.
+    checkpointer.save(4, state, {'count': 1, 'loss': 0.5, 'grad_norm': 2.0,
+                                 'learning_rate': 1e-3})
+    checkpointer.wait()
+    assert checkpointer.logged_sums(0) is None  # A new run: no note.
+    assert 'holds no logged-metric sums' not in caplog.text
+    assert checkpointer.logged_sums(3) is None
+    assert 'checkpoint step 3' in caplog.text and 'holds no logged-metric sums' in caplog.text
+    assert checkpointer.logged_sums(4) == {'count': 1, 'loss': 0.5, 'grad_norm': 2.0,
+                                           'learning_rate': 1e-3}
+  finally:
+    checkpointer.close()
+  mesh = jax.sharding.Mesh(jax.devices()[:1], ('data',))
+  stats = jax.device_get(train.new_loop_stats(mesh, 4, {'count': 1, 'loss': 0.5,
+                                                        'grad_norm': 2.0,
+                                                        'learning_rate': 1e-3}))
+  assert (stats['step'], stats['count'], stats['loss']) == (4, 1, np.float32(0.5))
+  stats = jax.device_get(train.new_loop_stats(mesh, 3, None))
+  assert (stats['count'], stats['loss'], stats['grad_norm']) == (0, 0.0, 0.0)
