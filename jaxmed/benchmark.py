@@ -11,8 +11,9 @@ WHAT (each prints a short table and writes WORKDIR/benchmark_<what>.json):
               compile time and peak device memory.
   input       crops/s of the Grain loader alone and with augmentation (benchmarks/input.py),
               per worker count (--workers=0,1,2) and crops cache (--caches=none,host,device).
-  e2e         training fed from the HDF5 crops file (loader.make_train_iterator, as the train
-              loop does it) against the step rate on synthetic input: the fraction kept.
+  e2e         training by the run's own loop (train.TrainLoop) fed from the HDF5 crops file
+              against the step rate on synthetic input: the fraction kept, and the share of
+              the time the loop waited in next() on its input.
               Uses config.data.crops_file when it exists (or auto_prepare builds it), else
               writes a synthetic crops file of the stored crop size into the workdir.
               --config.data.cache=none|host|device picks the input path.

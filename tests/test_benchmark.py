@@ -109,9 +109,13 @@ def test_step_from_the_command_line_writes_its_json(tmp_path):
 
 def test_e2e_on_a_synthetic_crops_file_reports_the_fraction_of_the_step(tmp_path):
   config = bench_config(data__auto_prepare=False, data__cache='device',
-                        data__crops_file=str(tmp_path / 'missing.h5'))
+                        data__crops_file=str(tmp_path / 'missing.h5'), train__log_every_steps=1)
   result = benchmark.run('e2e', config, str(tmp_path), steps=2, warmup=1, repeats=1,
                          peak_size=128)
+  # The steps ran in train.TrainLoop, as a training run's do: its writer logged each of them.
+  with open(tmp_path / 'e2e_run' / 'metrics.jsonl') as f:
+    assert [json.loads(line)['step'] for line in f] == [1, 2, 3]
+  assert result['e2e_steps'] == 2 and result['log_every_steps'] == 1
   assert result['crops_file'].startswith(str(tmp_path)) and result['cache'] == 'device'
   assert 'cache=device' in tables.format_table('e2e', tables.table_rows('e2e', result))
   assert result['e2e_samples_per_s'] > 0 and result['step_samples_per_s'] > 0
