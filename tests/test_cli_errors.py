@@ -28,6 +28,8 @@ def run_main(*args, cwd=REPO):
     (['--config.train.steps=abc'], ['--config.train.steps=abc', 'configs/default.py']),
     (['--mode=bogus'], ['--mode=bogus', 'train|eval']),
     (['stray'], ['unexpected arguments: stray']),
+    (['--mode=preprocess', '--config.data.preprocess_workers=-1'],
+     ['data.preprocess_workers is -1, must be >= 0', '--config.data.preprocess_workers']),
 ])
 def test_command_line_mistakes_end_in_one_line(args, fragments):
   proc = run_main(*args)

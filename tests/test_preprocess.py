@@ -4,6 +4,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -300,6 +301,36 @@ def test_missing_raw_names_the_file_before_any_work(raw_dir, tmp_path):
                   scan.mhd_path)
   assert not os.path.exists(tmp_path / 'c.h5')
   assert not os.path.exists(tmp_path / 'c.h5.parts'), 'refused before any scan was cropped'
+
+
+def test_the_data_file_is_the_one_the_mhd_header_names(prepared, raw_dir, tmp_path):
+  copy = tmp_path / 'raw'
+  shutil.copytree(raw_dir, copy)
+  scan = sorted(luna16.find_scans(str(copy)).values(), key=lambda s: (s.subset, s.seriesuid))[1]
+  # A valid MetaImage whose data file is not named after it.
+  renamed = os.path.join(os.path.dirname(scan.mhd_path), 'voxels.img')
+  os.rename(os.path.splitext(scan.mhd_path)[0] + '.raw', renamed)
+  with open(scan.mhd_path) as f:
+    header = f.read()
+  assert 'ElementDataFile = ' in header
+  with open(scan.mhd_path, 'w') as f:
+    f.write(re.sub(r'ElementDataFile = .*', 'ElementDataFile = voxels.img', header))
+  assert scan.raw_path == renamed
+
+  config = make_config(copy, tmp_path / 'c.h5')
+  preprocess.preprocess(config)
+  (want, _), (got, attrs) = _read(prepared[1]), _read(config.data.crops_file)
+  for name in DATASETS:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  with open(renamed, 'rb') as f:
+    assert json.loads(attrs['sources'])[os.path.relpath(renamed, copy)] == (
+        hashlib.sha256(f.read()).hexdigest())
+
+  os.remove(renamed)  # Missing: the error names the file the header names.
+  _one_line_error(make_config(copy, tmp_path / 'd.h5', overwrite=True), renamed,
+                  'does not exist', scan.mhd_path)
+  with pytest.raises(luna16.DataError, match=f'^scan file {re.escape(renamed)} .*does not exist'):
+    luna16.read_scan(scan.mhd_path)
 
 
 # ---- labels as LUNA16 defines them ------------------------------------------------------------

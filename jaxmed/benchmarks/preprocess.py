@@ -42,7 +42,7 @@ def benchmark_preprocess(config, repeats: int = 2) -> dict[str, Any]:
     centers = np.stack([cands['coordX'], cands['coordY'], cands['coordZ']], 1)
     mhd = os.path.join(tmp, 'subset0', spec.seriesuid + '.mhd')
     task = {'seriesuid': spec.seriesuid, 'mhd_path': mhd, 'mhd_rel': 'a.mhd',
-            'raw_rel': 'a.raw', 'centers_world': centers, 'spacing_mm': float(data.spacing_mm),
+            'raw_path': luna16.data_file_path(mhd), 'raw_rel': 'a.raw', 'centers_world': centers, 'spacing_mm': float(data.spacing_mm),
             'interpolator': data.interpolator, 'size': int(data.stored_crop_size),
             'part_path': os.path.join(tmp, 'part.npz'), 'key': 'benchmark'}
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()

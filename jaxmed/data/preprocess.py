@@ -30,6 +30,7 @@ import SimpleITK as sitk
 from absl import logging
 
 from jaxmed.data import crops_file as crops_schema
+from jaxmed.errors import ConfigError
 from jaxmed.scans import luna16
 from jaxmed.scans.luna16 import DataError
 from jaxmed.reporting import format_seconds
@@ -80,7 +81,7 @@ def process_scan(task: dict) -> dict:
                           task['interpolator'], task['size'])
   t_hash = time.perf_counter()
   sources = {task['mhd_rel']: _sha256(task['mhd_path']),
-             task['raw_rel']: _sha256(os.path.splitext(task['mhd_path'])[0] + '.raw')}
+             task['raw_rel']: _sha256(task['raw_path'])}
   info['hash_s'] = time.perf_counter() - t_hash
   tmp = task['part_path'] + '.partial.npz'
   np.savez(tmp, crops=crops, padded=info['padded'], outside=info['outside'],
@@ -192,11 +193,15 @@ def _check_existing_output(path: str, overwrite: bool) -> None:
 def preprocess(config) -> dict:
   """Writes config.data.crops_file from the scans of config.data.subsets; returns a summary.
 
-  Raises DataError (one line: cause and fix) for bad inputs or an already complete output.
+  Raises DataError (one line: cause and fix) for bad inputs or an already complete output, and
+  ConfigError for a negative data.preprocess_workers.
   """
   data = config.data
   start = time.perf_counter()
   out_path = data.crops_file
+  if data.preprocess_workers < 0:
+    raise ConfigError(f'data.preprocess_workers is {data.preprocess_workers}, must be >= 0 (0 = '
+                      'in this process); set --config.data.preprocess_workers')
   _check_existing_output(out_path, data.overwrite)
   if data.interpolator not in luna16.INTERPOLATORS:
     raise DataError(f'data.interpolator is {data.interpolator!r}, not one of '
@@ -234,8 +239,11 @@ def preprocess(config) -> dict:
 
   # Every file of every scan to crop, before any work: a missing .raw is named, not met mid-run.
   for scan in selected:
+    if scan.seriesuid not in rows_by_uid:
+      continue
+    # The data file is the one the .mhd's ElementDataFile names, whatever its name.
     for path in (scan.mhd_path, scan.raw_path):
-      if scan.seriesuid in rows_by_uid and not os.path.isfile(path):
+      if not os.path.isfile(path):
         raise DataError(f'scan file {path} (data of {scan.mhd_path}) does not exist; restore '
                         'it, or move the scan out of the subset folders')
   parts_dir = out_path + '.parts'
@@ -261,9 +269,10 @@ def preprocess(config) -> dict:
             'exclude': exclude, 'part_path': part_path, 'key': key}
     plans.append(plan)
     if _load_part(part_path, key) is None:
-      rel = os.path.relpath(scan.mhd_path, data.raw_dir)
       pending.append({'seriesuid': scan.seriesuid, 'mhd_path': scan.mhd_path,
-                      'mhd_rel': rel, 'raw_rel': os.path.splitext(rel)[0] + '.raw',
+                      'mhd_rel': os.path.relpath(scan.mhd_path, data.raw_dir),
+                      'raw_path': scan.raw_path,
+                      'raw_rel': os.path.relpath(scan.raw_path, data.raw_dir),
                       'centers_world': centers, 'spacing_mm': float(data.spacing_mm),
                       'interpolator': data.interpolator, 'size': int(data.stored_crop_size),
                       'part_path': part_path, 'key': key})

@@ -1,7 +1,8 @@
 """Reading data in the LUNA16 layout: scans, candidate/annotation CSVs, world <-> voxel, resampling.
 
 Layout under `raw_dir`:
-  subset0/ .. subset9/   <seriesuid>.mhd + <seriesuid>.raw (MetaImage, read with SimpleITK)
+  subset0/ .. subset9/   <seriesuid>.mhd + the data file its ElementDataFile names (in LUNA16
+                         <seriesuid>.raw; MetaImage, read with SimpleITK)
   candidates_V2.csv      seriesuid,coordX,coordY,coordZ,class
   annotations.csv        seriesuid,coordX,coordY,coordZ,diameter_mm
 
@@ -51,7 +52,8 @@ class Scan:
 
   @property
   def raw_path(self) -> str:
-    return os.path.splitext(self.mhd_path)[0] + '.raw'
+    """The file holding its voxels, as its header's ElementDataFile names it (data_file_path)."""
+    return data_file_path(self.mhd_path)
 
 
 def resolve(raw_dir: str, name: str) -> str:
@@ -162,6 +164,27 @@ def _read_mhd_header(mhd_path: str) -> dict[str, str]:
   return header
 
 
+def _data_file(mhd_path: str, header: dict[str, str]) -> str:
+  data_file = header.get('ElementDataFile', '')
+  if not data_file:
+    raise DataError(f'scan file {mhd_path} has no ElementDataFile entry (the MetaImage header '
+                    'line naming its data file); re-download or regenerate it')
+  if data_file == 'LOCAL':
+    return mhd_path
+  # MetaImage names the data file relative to the header's folder (or absolutely).
+  return os.path.join(os.path.dirname(mhd_path), data_file)
+
+
+def data_file_path(mhd_path: str) -> str:
+  """The path of the file holding the voxels of a MetaImage scan: the one its ElementDataFile
+  header entry names, relative to the .mhd's folder (often <stem>.raw, but any name is valid),
+  or the .mhd itself when the voxels follow its header (ElementDataFile = LOCAL).
+
+  Raises DataError if the .mhd cannot be read or names no data file.
+  """
+  return _data_file(mhd_path, _read_mhd_header(mhd_path))
+
+
 def read_scan(mhd_path: str) -> sitk.Image:
   """Reads one scan (.mhd + its .raw) as a SimpleITK image in HU.
 
@@ -170,10 +193,9 @@ def read_scan(mhd_path: str) -> sitk.Image:
   if not os.path.isfile(mhd_path):
     raise DataError(f'scan file {mhd_path} does not exist; restore it or remove the scan')
   header = _read_mhd_header(mhd_path)
-  data_file = header.get('ElementDataFile', '')
-  if data_file and data_file != 'LOCAL' and header.get('CompressedData', 'False') == 'False':
+  raw_path = _data_file(mhd_path, header)
+  if raw_path != mhd_path and header.get('CompressedData', 'False') == 'False':
     # A truncated .raw otherwise reads as a misleading ITK message: check its size first.
-    raw_path = os.path.join(os.path.dirname(mhd_path), data_file)
     if not os.path.isfile(raw_path):
       raise DataError(f'scan file {raw_path} (data of {mhd_path}) does not exist; restore it '
                       'or remove the scan')
