@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.exclude_radius_factor = 1.0  # 1: no negative inside a nodule (LUNA16 counts it a hit).
   data.preprocess_workers = 2  # Worker processes for preprocessing, one scan each (0 = in-process).
   data.train_subsets = (0, 1, 2, 3, 4, 5, 6, 7)  # LUNA subsets used for training.
-  data.val_subsets = (8,)  # Subsets for periodic validation during training.
+  data.val_subsets = (8,)  # Subsets for periodic validation during training (() = none: skipped).
   data.test_subsets = (9,)  # Subsets scored by --mode=eval.
   data.positive_fraction = 0.5  # Fraction of positives in every training batch.
   data.workers = 0  # Grain worker processes per host (0 = read in the main process).

@@ -153,6 +153,8 @@ class TrainLoop:
     profiling = config.train.profile_steps > 0 and jax.process_index() == 0
     self._profile_start = step + 5 if profiling else -1
     self._profile_stop = self._profile_start + config.train.profile_steps if profiling else -1
+    if not config.data.val_subsets:  # An AUC over no examples would be NaN: no val rows at all.
+      logging.info('no validation subsets: validation skipped')
 
   @property
   def state(self) -> nnx.State:
@@ -244,6 +246,8 @@ class TrainLoop:
     self.writer.write(self.step, 'train', {**means, **rates})
 
   def _evaluate(self) -> None:
+    if not self.config.data.val_subsets:
+      return
     step, train = self.step, self._train
     eval_fn = self.eval_fn
     if train.sigterm_at_step == step and train.sigterm_during_eval:  # Test hook.

@@ -115,3 +115,13 @@ def test_train_and_evaluate_end_to_end(tiny_config, tmp_path):
   assert len(val) == 1 and {'loss', 'auc', 'accuracy'} <= set(val[0])
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
   assert any(f.startswith('events') for f in os.listdir(tmp_path / 'tensorboard'))
+
+
+def test_no_validation_subsets_skips_validation_with_one_line(tiny_config, tmp_path, caplog):
+  config = tiny_config(train__steps=2, train__eval_every_steps=1, data__val_subsets=())
+  with caplog.at_level('INFO'):
+    result = train.train_and_evaluate(config, str(tmp_path))
+  assert result == {'step': 2}  # No AUC over zero examples.
+  assert caplog.text.count('no validation subsets: validation skipped') == 1
+  records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [(r['split'], r['step']) for r in records] == [('train', 1), ('train', 2)]
