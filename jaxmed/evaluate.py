@@ -28,6 +28,7 @@ from jaxmed.data import crops_file
 from jaxmed.data import prepare
 from jaxmed.errors import ConfigError
 from jaxmed.evaluation import froc
+from jaxmed.evaluation import froc_bootstrap
 from jaxmed.evaluation import plots
 from jaxmed.evaluation import submission
 from jaxmed.parallel import sharding as sharding_lib
@@ -68,9 +69,9 @@ def froc_metrics(config, predictions: submission.Predictions, subsets, workdir, 
     scans = np.unique(np.char.decode(f['seriesuid'][:][in_subsets].astype('S'), 'ascii'))
   arithmetic = config.eval.froc_arithmetic
   result = froc.compute_froc(predictions, annotations, excluded, scans, arithmetic=arithmetic)
-  ci = froc.bootstrap_froc(predictions, annotations, excluded, scans,
-                           num_samples=config.eval.bootstrap_samples, seed=config.seed,
-                           arithmetic=arithmetic)
+  ci = froc_bootstrap.bootstrap_froc(predictions, annotations, excluded, scans,
+                                     num_samples=config.eval.bootstrap_samples,
+                                     seed=config.seed, arithmetic=arithmetic)
   figure = plots.plot_froc(result, ci, os.path.join(workdir, 'froc.png'))
   writer.write_image(step, 'eval/froc', plots.figure_to_image(figure))
   metrics = {'cpm': result.cpm, 'cpm_low': ci.cpm_low, 'cpm_high': ci.cpm_high,

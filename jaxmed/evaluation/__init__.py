@@ -4,8 +4,8 @@ Pure numpy (figures: matplotlib, imported with `from jaxmed.evaluation import pl
 """
 
 from jaxmed.evaluation.froc import (ARITHMETICS, FP_RATES, OFFICIAL_MAX_CANDIDATES_PER_SCAN,
-                                    FROCBand, FROCConfidence, FROCResult, bootstrap_froc,
-                                    compute_froc)
+                                    FROCResult, compute_froc)
+from jaxmed.evaluation.froc_bootstrap import FROCBand, FROCConfidence, bootstrap_froc
 from jaxmed.evaluation.roc import accuracy, roc_auc, roc_curve
 from jaxmed.evaluation.submission import (Annotations, EvaluationInputError, Predictions,
                                           read_annotations, read_predictions, read_seriesuids,

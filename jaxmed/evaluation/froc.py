@@ -1,4 +1,4 @@
-"""LUNA16 FROC and CPM, and their bootstrap confidence interval, vectorised over scans.
+"""LUNA16 FROC and CPM, vectorised over scans (their bootstrap interval: froc_bootstrap.py).
 
 Definitions are those of the LUNA16 evaluation script (noduleCADEvaluationLUNA16.py):
 - A candidate hits a finding when its centre lies strictly inside the finding's sphere:
@@ -16,8 +16,6 @@ Definitions are those of the LUNA16 evaluation script (noduleCADEvaluationLUNA16
   nodules in float64, so 2 FPs per scan can come out as 2.0000000000000004 and np.interp then
   reads the bottom of a vertical step. arithmetic='exact' keeps every point and divides the
   integer counts once: at a rate where rate x scans is a whole number it reads the top.
-- The confidence interval draws scans with replacement and takes order statistics:
-  lower = sorted[floor(0.025 n)], upper = sorted[floor(0.975 n)].
 Deliberate differences from the script: a FROC without any hit has sensitivity 0 (the script's
 is NaN), and a seriesuids file may start with a header line (read_seriesuids skips it; the
 script would count it as a scan).
@@ -26,7 +24,6 @@ script would count it as a scan).
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import numpy as np
 
@@ -73,26 +70,8 @@ class FROCResult:
   nodule_probability: np.ndarray
 
 
-class FROCBand(NamedTuple):
-  """Bootstrap band: sensitivity bounds (and mean) at each FP rate of `fps_per_scan`."""
-  fps_per_scan: np.ndarray
-  sensitivity_low: np.ndarray
-  sensitivity_high: np.ndarray
-  sensitivity_mean: np.ndarray
-  confidence: float
-
-
-class FROCConfidence(NamedTuple):
-  """Bootstrap confidence interval of a FROC evaluation (see bootstrap_froc)."""
-  cpm_low: float
-  cpm_high: float
-  sensitivity_low: np.ndarray  # (7,) at FP_RATES
-  sensitivity_high: np.ndarray  # (7,)
-  band: FROCBand
-
-
 @dataclasses.dataclass(frozen=True)
-class _Matched:
+class Matched:
   """Candidates matched to findings: what the FROC needs, per scan index 0..S-1."""
   num_scans: int
   fp_scan: np.ndarray  # (F,) scan index of each false positive
@@ -148,8 +127,11 @@ def _hit_pairs(cand_scan, cand_xyz, find_scan, find_xyz, find_diameter):
   return cand[inside], find[inside]
 
 
-def _match(predictions: Predictions, annotations: Annotations, excluded: Annotations | None,
-           seriesuids, max_candidates_per_scan: int | None) -> _Matched:
+def match_candidates(predictions: Predictions, annotations: Annotations,
+                     excluded: Annotations | None, seriesuids,
+                     max_candidates_per_scan: int | None) -> Matched:
+  """Candidates of the scans evaluated (capped per scan) matched to the findings: which hit a
+  nodule (and each nodule's best hit), which are false positives, which are ignored."""
   if not isinstance(predictions, Predictions):
     raise EvaluationInputError('predictions must be a jaxmed.evaluation.Predictions '
                                '(or read with read_predictions)')
@@ -196,7 +178,7 @@ def _match(predictions: Predictions, annotations: Annotations, excluded: Annotat
   best = np.full(len(nodule_rows), -np.inf)
   np.maximum.at(best, n_inc, cand_prob[c_inc])
   detected = np.bincount(n_inc, minlength=len(nodule_rows)) > 0
-  return _Matched(
+  return Matched(
       num_scans=len(scans),
       fp_scan=cand_scan[is_fp],
       fp_probability=cand_prob[is_fp],
@@ -210,7 +192,7 @@ def _match(predictions: Predictions, annotations: Annotations, excluded: Annotat
   )
 
 
-def _sorted_rows(m: _Matched):
+def sorted_rows(m: Matched):
   """FROC rows (detected nodules and FPs) by probability, descending; ends of tie groups."""
   prob = np.concatenate([m.nodule_probability[m.nodule_detected], m.fp_probability])
   scan = np.concatenate([m.nodule_scan[m.nodule_detected], m.fp_scan])
@@ -232,8 +214,8 @@ def _official_points(fps_cum: np.ndarray, hits_cum: np.ndarray) -> np.ndarray:
   return keep
 
 
-def _curve(fps_cum: np.ndarray, hits_cum: np.ndarray, num_scans: int, num_nodules,
-           arithmetic: str) -> tuple[np.ndarray, np.ndarray]:
+def curve_points(fps_cum: np.ndarray, hits_cum: np.ndarray, num_scans: int, num_nodules,
+                 arithmetic: str) -> tuple[np.ndarray, np.ndarray]:
   """(fps_per_scan, sensitivity), each (..., K + 1): the (0, 0) point, then one per point.
 
   fps_cum, hits_cum: (..., K) float64 cumulative false positives and hits, the last point
@@ -255,7 +237,7 @@ def _curve(fps_cum: np.ndarray, hits_cum: np.ndarray, num_scans: int, num_nodule
   return fps, sens
 
 
-def _check_arithmetic(arithmetic: str) -> None:
+def check_arithmetic(arithmetic: str) -> None:
   if arithmetic not in ARITHMETICS:
     raise EvaluationInputError(f"arithmetic must be one of {ARITHMETICS}, got '{arithmetic}'")
 
@@ -276,9 +258,9 @@ def compute_froc(predictions: Predictions, annotations: Annotations,
   With no nodules in the scans evaluated, sensitivities and cpm are NaN (undefined); with
   nodules but no hit they are 0.
   """
-  _check_arithmetic(arithmetic)
-  m = _match(predictions, annotations, excluded, seriesuids, max_candidates_per_scan)
-  prob, _, is_hit, ends = _sorted_rows(m)
+  check_arithmetic(arithmetic)
+  m = match_candidates(predictions, annotations, excluded, seriesuids, max_candidates_per_scan)
+  prob, _, is_hit, ends = sorted_rows(m)
   hits_cum = np.cumsum(is_hit)[ends].astype(np.float64)
   fps_cum = np.cumsum(~is_hit)[ends].astype(np.float64)
   thresholds = prob[ends]
@@ -286,7 +268,7 @@ def compute_froc(predictions: Predictions, annotations: Annotations,
     keep = _official_points(fps_cum, hits_cum)
     fps_cum, hits_cum, thresholds = fps_cum[keep], hits_cum[keep], thresholds[keep]
   num_nodules = len(m.nodule_scan)
-  fps, sens = _curve(fps_cum, hits_cum, max(m.num_scans, 1), max(num_nodules, 1), arithmetic)
+  fps, sens = curve_points(fps_cum, hits_cum, max(m.num_scans, 1), max(num_nodules, 1), arithmetic)
   if not num_nodules:
     sens = np.full(len(sens), np.nan)
   sensitivities = np.interp(FP_RATES, fps, sens)
@@ -310,98 +292,3 @@ def compute_froc(predictions: Predictions, annotations: Annotations,
       nodule_detected=detected,
       nodule_probability=nodule_prob,
   )
-
-
-def _order_statistic_bounds(values: np.ndarray, confidence: float):
-  """Official CI: sorted[floor(p n)], sorted[floor((1 - p) n)] with p = (1 - confidence) / 2."""
-  n = values.shape[0]
-  tail = (1.0 - confidence) / 2.0
-  ordered = np.sort(values, axis=0)
-  low = ordered[int(np.floor(tail * n))]
-  high = ordered[min(int(np.floor((1.0 - tail) * n)), n - 1)]
-  return low, high
-
-
-def bootstrap_froc(predictions: Predictions, annotations: Annotations,
-                   excluded: Annotations | None = None, seriesuids=None, *,
-                   num_samples: int = 1000, seed: int = 0, confidence: float = 0.95,
-                   fps_grid: np.ndarray | None = None,
-                   max_candidates_per_scan: int | None = OFFICIAL_MAX_CANDIDATES_PER_SCAN,
-                   arithmetic: str = 'official') -> FROCConfidence:
-  """Bootstrap confidence interval of compute_froc's result: scans drawn with replacement.
-
-  Arguments as compute_froc. Returns (cpm_low, cpm_high, sensitivity_low (7,),
-  sensitivity_high (7,), band), band holding bounds and mean at `fps_grid` FPs per scan
-  (default: 129 points log-spaced over 1/8..8). Samples that draw no nodule have no defined
-  sensitivity and are left out (the official script would carry NaN); all NaN if no sample has
-  one. Each sample's curve follows `arithmetic` as compute_froc does (the official script draws
-  its samples unseeded, so only the arithmetic, not the draws, can match it). Deterministic in
-  `seed`.
-  """
-  _check_arithmetic(arithmetic)
-  if num_samples < 1:
-    raise EvaluationInputError(f'num_samples must be >= 1, got {num_samples}')
-  if not 0.0 < confidence < 1.0:
-    raise EvaluationInputError(f'confidence must be in (0, 1), got {confidence}')
-  grid = np.geomspace(FP_RATES[0], FP_RATES[-1], 129) if fps_grid is None else np.asarray(
-      fps_grid, np.float64)
-  m = _match(predictions, annotations, excluded, seriesuids, max_candidates_per_scan)
-  num_scans = m.num_scans
-  targets = np.r_[FP_RATES, grid]
-  nan_result = FROCConfidence(
-      np.nan, np.nan, np.full(7, np.nan), np.full(7, np.nan),
-      FROCBand(grid, np.full(len(grid), np.nan), np.full(len(grid), np.nan),
-               np.full(len(grid), np.nan), confidence))
-  if num_scans == 0:
-    return nan_result
-
-  # The curve is flat between groups that hold a hit, so np.interp needs only the points of
-  # those groups, of the groups just before them, and of the last group: K <= 2 hits + 1.
-  _, row_scan, is_hit, ends = _sorted_rows(m)
-  group_of_row = np.repeat(np.arange(len(ends)), np.diff(np.r_[-1, ends]))
-  hit_groups = np.unique(group_of_row[is_hit])
-  kept = np.unique(np.r_[hit_groups, hit_groups - 1, len(ends) - 1])
-  kept = kept[kept >= 0]
-  # counts[s, k]: rows of scan s at or above kept group k (rows fall in the first kept group
-  # at or after their own, then a cumulative sum over k).
-  bucket = np.searchsorted(kept, group_of_row)
-  num_kept = len(kept)
-
-  def per_scan_cumulative(rows):
-    flat = np.bincount(row_scan[rows] * num_kept + bucket[rows],
-                       minlength=num_scans * num_kept).reshape(num_scans, num_kept)
-    return np.cumsum(flat, axis=1).astype(np.float64)
-
-  hits_per_scan = per_scan_cumulative(is_hit)
-  fps_per_scan = per_scan_cumulative(~is_hit)
-  nodules_per_scan = np.bincount(m.nodule_scan, minlength=num_scans)
-
-  rng = np.random.default_rng(seed)
-  draws = rng.integers(0, num_scans, size=(num_samples, num_scans))
-  # weights[b, s]: how often sample b drew scan s; a sample's counts are weights @ counts.
-  weights = np.bincount((draws + num_scans * np.arange(num_samples)[:, None]).ravel(),
-                        minlength=num_samples * num_scans).reshape(num_samples, num_scans)
-  weights = weights.astype(np.float64)  # Integer counts, exact in float64; BLAS matmul.
-  total_nodules = weights @ nodules_per_scan
-  hits_cum = weights @ hits_per_scan
-  fps_cum = weights @ fps_per_scan
-
-  values = np.full((num_samples, len(targets)), np.nan)
-  drew_nodules = np.flatnonzero(total_nodules > 0)
-  fps, sens = _curve(fps_cum[drew_nodules], hits_cum[drew_nodules], num_scans,
-                     total_nodules[drew_nodules], arithmetic)
-  for b, fps_b, sens_b in zip(drew_nodules, fps, sens):
-    values[b] = np.interp(targets, fps_b, sens_b)
-
-  values = values[total_nodules > 0]
-  if len(values) == 0:
-    return nan_result
-  cpm = values[:, :7].mean(axis=1)
-  cpm_low, cpm_high = _order_statistic_bounds(cpm, confidence)
-  low, high = _order_statistic_bounds(values, confidence)
-  return FROCConfidence(
-      cpm_low=float(cpm_low), cpm_high=float(cpm_high),
-      sensitivity_low=low[:7], sensitivity_high=high[:7],
-      band=FROCBand(grid, low[7:], high[7:], values[:, 7:].mean(axis=0), confidence))
-
-

@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from jaxmed import files
-from jaxmed.evaluation.froc import FP_RATES, FROCConfidence, FROCResult
+from jaxmed.evaluation.froc import FP_RATES, FROCResult
+from jaxmed.evaluation.froc_bootstrap import FROCConfidence
 from jaxmed.evaluation.submission import EvaluationInputError
 from jaxmed.evaluation.roc import roc_auc, roc_curve
 
