@@ -237,11 +237,11 @@ def preprocess(config) -> dict:
         f'({skipped_missing} candidates of {len(missing)} scans lack their scan); add the scans '
         'or pass --config.data.strict=False to skip them')
 
-  # Every file of every scan to crop, before any work: a missing .raw is named, not met mid-run.
+  # Every file of every scan to crop, before any work: a missing data file (the one the .mhd's
+  # ElementDataFile names) is named, not met mid-run.
   for scan in selected:
     if scan.seriesuid not in rows_by_uid:
       continue
-    # The data file is the one the .mhd's ElementDataFile names, whatever its name.
     for path in (scan.mhd_path, scan.raw_path):
       if not os.path.isfile(path):
         raise DataError(f'scan file {path} (data of {scan.mhd_path}) does not exist; restore '
