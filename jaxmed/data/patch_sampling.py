@@ -90,13 +90,13 @@ def train_patches(seed: int, step: int, global_batch_size: int, scans: TrainScan
   size = check_patch_size(patch_size, margin_vox)
   num_positive = positives_per_batch(global_batch_size, positive_fraction,
                                      'detect.positive_fraction')
+  if not len(scans.rows):
+    raise ConfigError('no training scans in the volumes file; check '
+                      '--config.data.train_subsets')
   if num_positive and not len(scans.nodule_scan):
     raise ConfigError('detection batches need patches with nodules but the training scans have '
                       'none; check --config.data.train_subsets and --config.detect.'
                       'positive_fraction')
-  if not len(scans.rows):
-    raise ConfigError('no training scans in the volumes file; check '
-                      '--config.data.train_subsets')
   rng = np.random.default_rng([seed, _PATCH_STREAM, step])
   scan = np.empty(global_batch_size, np.int64)
   corner = np.empty((global_batch_size, 3), np.int64)
