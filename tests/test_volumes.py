@@ -211,3 +211,9 @@ def test_command_line_error_is_one_line(raw_dir, tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       'jaxmed: error: detect.spacing_mm is 0.0, must be > 0 (mm); set --config.detect.spacing_mm')
   assert not os.path.exists(tmp_path / 'v.h5')
+
+
+def test_ensure_volumes_file_builds_a_missing_one(raw_dir, tmp_path):
+  config = make_config(raw_dir, tmp_path / 'auto.h5')
+  assert prepare.ensure_volumes_file(config) == 4
+  assert prepare.ensure_volumes_file(config) == 4  # Present: checked, not rebuilt.

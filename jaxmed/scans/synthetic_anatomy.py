@@ -68,7 +68,7 @@ def vessel_tree(rng, lung: Ellipsoid, medial_sign: float):
   scale = float(np.min(lung.axes))
   r_start_max = float(np.clip(0.15 * scale, 1.2, 4.0))
   n_trees = int(np.clip(np.prod(lung.axes) / 2500.0, 4, 24))
-  segments, branch_points = [], []
+  segments = []
   for _ in range(n_trees):
     hilum = lung.center + lung.axes * np.array(
         [medial_sign * 0.55, rng.uniform(-0.3, 0.3), rng.uniform(-0.35, 0.35)])
@@ -88,7 +88,11 @@ def vessel_tree(rng, lung: Ellipsoid, medial_sign: float):
           break
         if depth < 4 and rng.random() < 0.35:
           stack.append((point, unit(heading + rng.normal(0, 0.8, 3)), radius * 0.85, depth + 1))
-          branch_points.append((point, radius))
+  # A branch point: where two segments start (a branch that left the lung at once is no branch).
+  starts = {}
+  for p0, _, radius in segments:
+    starts.setdefault(tuple(p0), []).append(radius)
+  branch_points = [(np.array(p), max(r)) for p, r in starts.items() if len(r) >= 2]
   return segments, branch_points
 
 
