@@ -28,6 +28,7 @@ from collections.abc import Iterable
 import h5py
 import numpy as np
 
+from jaxmed.data.source import LazyFile
 from jaxmed.errors import UserError
 from jaxmed.scans import luna16
 from jaxmed.scans.resample import Volume, voxel_to_world, world_to_voxel
@@ -124,7 +125,7 @@ def check_volumes_file(path: str | os.PathLike, f: h5py.File | None = None) -> i
   return n
 
 
-class VolumesSource:
+class VolumesSource(LazyFile):
   """Random access to a volumes file: geometry, annotations and int16 HU patches of each scan.
 
   Scan `i` is row i of the file's `seriesuid` column. Picklable (Grain workers): the HDF5 file
@@ -149,11 +150,6 @@ class VolumesSource:
     self._excluded = [excluded[excluded_scan == i] for i in rows]
     self._row = {uid: i for i, uid in enumerate(self.seriesuids)}
     self._handle = None  # (pid, h5py.File), per process.
-
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state['_handle'] = None
-    return state
 
   def _volume(self, i: int) -> h5py.Dataset:
     if self._handle is None or self._handle[0] != os.getpid():
@@ -206,11 +202,6 @@ class VolumesSource:
     """The whole resampled scan i."""
     return Volume(hu=self._volume(i)[...], origin_xyz=self.origins[i].copy(),
                   spacing_mm=self.spacing_mm)
-
-  def close(self) -> None:
-    if self._handle is not None and self._handle[0] == os.getpid():
-      self._handle[1].close()
-    self._handle = None
 
   def __repr__(self) -> str:
     return f'VolumesSource(path={self.path!r}, scans={len(self)}, spacing_mm={self.spacing_mm})'
