@@ -11,7 +11,6 @@ import sys
 import h5py
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from configs import default
 from jaxmed.data import prepare, preprocess_volumes, volumes_file
