@@ -216,7 +216,7 @@ def preprocess(config) -> dict:
     if _load_part(part_path, key) is None:
       rel = os.path.relpath(scan.mhd_path, data.raw_dir)
       pending.append({'seriesuid': scan.seriesuid, 'mhd_path': scan.mhd_path,
-                      'mhd_rel': rel, 'raw_rel': os.path.splitext(rel)[0] + '.raw',
+                      'mhd_rel': rel,
                       'centers_world': centers, 'spacing_mm': float(data.spacing_mm),
                       'interpolator': data.interpolator, 'size': int(data.stored_crop_size),
                       'part_path': part_path, 'key': key})
