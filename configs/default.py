@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.crops_file = 'data/preprocessed/synthetic_crops.h5'  # The HDF5 crops file (schema v2).
   # The HDF5 volumes file (task 'detect'): every scan resampled to detect.spacing_mm.
   data.volumes_file = 'data/preprocessed/synthetic_volumes.h5'
+  # What --mode=preprocess writes: some of ('crops', 'volumes'); () = what config.task reads
+  # (classify: the crops file, detect: the volumes file).
+  data.build = ()
   data.auto_prepare = True  # train/eval: synthesize + preprocess the default dataset if missing.
   data.overwrite = False  # preprocess/synthesize: replace a complete output instead of stopping.
   data.strict = False  # preprocess: a candidate whose scan is missing is an error, not a skip.

@@ -11,6 +11,9 @@ WHAT (each prints a short table and writes WORKDIR/benchmark_<what>.json):
               compile time and peak device memory.
   input       crops/s of the Grain loader alone and with augmentation (benchmarks/input.py),
               per worker count (--workers=0,1,2) and crops cache (--caches=none,host,device).
+  patches     patches/s of the detection input (benchmarks/input.py: the volumes file through
+              the Grain patch loader, alone and with augment_patches; plain h5py patch reads),
+              per worker count (--workers, default 0,1,2), config.detect.patch_size.
   e2e         training by the run's own loop (train.TrainLoop) fed from the HDF5 crops file
               against the step rate on synthetic input: the fraction kept, and the share of
               the time the loop waited in next() on its input.
@@ -62,7 +65,7 @@ from jaxmed.benchmarks import preprocess as preprocess_bench
 from jaxmed.benchmarks import step as step_bench
 from jaxmed.benchmarks import tables
 
-WHATS = ('step', 'input', 'e2e', 'loop', 'compare', 'comms', 'meshes', 'checkpoint', 'preprocess',
+WHATS = ('step', 'input', 'patches', 'e2e', 'loop', 'compare', 'comms', 'meshes', 'checkpoint', 'preprocess',
          'profile', 'summary')
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
@@ -71,8 +74,8 @@ _WHAT = flags.DEFINE_enum('what', 'step', WHATS, 'What to measure.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per repeat.')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats; the median is reported.')
-_SECONDS = flags.DEFINE_float('seconds', 5.0, 'input: seconds per measurement.')
-_WORKERS = flags.DEFINE_string('workers', '', 'input: comma-separated Grain worker counts '
+_SECONDS = flags.DEFINE_float('seconds', 5.0, 'input, patches: seconds per measurement.')
+_WORKERS = flags.DEFINE_string('workers', '', 'input, patches: comma-separated Grain worker counts '
                                '(default: 0 and config.data.workers).')
 _CROP_SIZES = flags.DEFINE_string('crop_sizes', '32,64', 'meshes: crop edges to compile for.')
 _CACHES = flags.DEFINE_string('caches', '', 'input: comma-separated crops caches to measure, of '
@@ -94,6 +97,11 @@ def run(what: str, config, workdir: str, *, steps: int = 10, warmup: int = 3, re
     rows = input_bench.benchmark_input(config, crop_sizes=(config.data.crop_size,),
                                        workers=workers, seconds=seconds,
                                        caches=tuple(caches) or (config.data.cache,))
+    result = {**step_bench.describe_run(config), 'rows': rows}
+  elif what == 'patches':
+    from jaxmed.benchmarks import input as input_bench  # Loads JAX and Grain: only when asked.
+    rows = input_bench.benchmark_patches(config, workers=tuple(workers) or (0, 1, 2),
+                                         seconds=seconds)
     result = {**step_bench.describe_run(config), 'rows': rows}
   elif what == 'e2e':
     result = e2e_bench.benchmark_e2e(config, workdir, steps, warmup, repeats)

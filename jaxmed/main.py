@@ -56,8 +56,8 @@ def main(argv):
       from jaxmed.scans import synthetic
       synthetic.synthesize(config)
     elif _MODE.value == 'preprocess':
-      from jaxmed.data import preprocess
-      preprocess.preprocess(config)
+      from jaxmed.data import prepare
+      prepare.preprocess(config)  # Crops, volumes or both: data.build, else config.task.
     elif _MODE.value == 'train':
       from jaxmed import train
       train.train_and_evaluate(config, workdir)

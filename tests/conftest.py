@@ -111,3 +111,17 @@ def train_losses(workdir):
 def complete_steps(workdir):
   """The checkpoint steps in workdir/checkpoints that Orbax finished writing."""
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+
+
+@pytest.fixture(scope='session')
+def tiny_volumes(tiny_dataset, tmp_path_factory):
+  """{'data.raw_dir': ..., 'data.volumes_file': ...}: the session dataset's scans resampled
+  whole into a volumes file (task 'detect')."""
+  from configs import default
+  from jaxmed.data import preprocess_volumes
+  paths = {'data.raw_dir': tiny_dataset['data.raw_dir'],
+           'data.volumes_file': str(tmp_path_factory.mktemp('tiny_volumes') / 'volumes.h5')}
+  config = apply_overrides(default.get_config(), {**TINY, **paths,
+                                                  'data.preprocess_workers': 0})
+  preprocess_volumes.preprocess_volumes(config)
+  return paths

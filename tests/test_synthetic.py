@@ -161,3 +161,39 @@ def test_raw_dir_that_is_a_file_or_cannot_be_made(tmp_path):
     synthetic.synthesize(small_config(tmp_path / 'file'))
   with pytest.raises(luna16.DataError, match='cannot be created'):
     synthetic.synthesize(small_config(tmp_path / 'file' / 'raw'))
+
+
+def _segment_gaps(point, segments):
+  """Distance (mm) from `point` to each tube's surface (negative inside it)."""
+  p0 = np.array([p for p, _, _ in segments])
+  d = np.array([q for _, q, _ in segments]) - p0
+  radius = np.array([r for _, _, r in segments])
+  t = np.clip(np.sum((point - p0) * d, axis=1) / np.maximum(np.sum(d * d, axis=1), 1e-9), 0, 1)
+  return np.linalg.norm(point - p0 - t[:, None] * d, axis=1) - radius
+
+
+def test_nodules_are_isolated_on_the_lung_wall_or_on_a_vessel_and_vessels_branch():
+  from jaxmed.scans import synthetic_anatomy as anatomy
+  rng = np.random.default_rng(0)
+  lungs = [anatomy.Ellipsoid(np.array([side * 60.0, 0.0, 0.0]), np.array([50.0, 80.0, 100.0]))
+           for side in (-1, 1)]
+  trees = [anatomy.vessel_tree(rng, lung, medial_sign=-side)
+           for lung, side in zip(lungs, (-1, 1))]
+  segments = [tree[0] for tree in trees]
+  synthetic_config = default.get_config().data.synthetic  # Diameters 3-30 mm.
+  nodules, clamped = anatomy.place_nodules(rng, lungs, segments, synthetic_config, 40)
+  kinds = {n['kind'] for n in nodules}
+  assert kinds == {'isolated', 'pleural', 'vascular'} and clamped == 0
+  diameters = np.array([n['diameter'] for n in nodules])
+  assert diameters.min() >= 3.0 and diameters.max() <= 30.0 and diameters.max() > 15.0
+  for n in nodules:
+    if n['kind'] == 'vascular':  # Its surface meets a vessel's (semi-axes vary by 15%).
+      gap = min(_segment_gaps(n['center'], tree).min() for tree in segments)
+      assert gap <= 1.15 * n['diameter'] / 2, (gap, n['diameter'])
+  for (tree_segments, branch_points) in trees:
+    assert len(branch_points) >= 4
+    ends = np.array([p1 for _, p1, _ in tree_segments])
+    starts = np.array([p0 for p0, _, _ in tree_segments])
+    for point, _ in branch_points:  # Where one segment ends, two start.
+      assert np.min(np.linalg.norm(ends - point, axis=1)) < 1e-9
+      assert np.sum(np.linalg.norm(starts - point, axis=1) < 1e-9) == 2

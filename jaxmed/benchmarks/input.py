@@ -1,5 +1,6 @@
 """--what=input: crops/s of the training input (jaxmed/data/loader.py: Grain workers, or a crops
-cache) alone and with on-device augmentation, against plain h5py reads of single crops."""
+cache) alone and with on-device augmentation, against plain h5py reads of single crops;
+--what=patches: the same for detection patches from the volumes file (data/patch_loader.py)."""
 
 from __future__ import annotations
 
@@ -88,4 +89,83 @@ def benchmark_input(config, crop_sizes: Sequence[int] = (32, 64),
             rate, batches = _rate(run_batch, seconds, global_batch_size)
             results.append(dict(common, workers=num_workers, mode=mode, cache=cache,
                                 crops_per_s=rate, batches=batches))
+  return results
+
+
+def _benchmark_volumes_file(config, tmp: str) -> str:
+  """config.data.volumes_file if it exists; else a volumes file of config.data.synthetic.num_scans
+  synthetic scans (config.data.synthetic.shape_xyz) written under `tmp`."""
+  if os.path.exists(config.data.volumes_file):
+    return config.data.volumes_file
+  from jaxmed.data import preprocess_volumes
+  from jaxmed.scans import synthetic
+  bench = config.copy_and_resolve_references()
+  bench.data.raw_dir = os.path.join(tmp, 'raw')
+  bench.data.volumes_file = os.path.join(tmp, 'volumes.h5')
+  bench.data.synthetic.num_subsets = 1
+  synthetic.synthesize(bench)
+  preprocess_volumes.preprocess_volumes(bench)
+  return bench.data.volumes_file
+
+
+def benchmark_patches(config, workers: Sequence[int] = (0, 1, 2),
+                      seconds: float = 5.0) -> list[dict]:
+  """Patches/s of the detection input (data/patch_loader.py) alone and with augment_patches,
+  on the config's mesh.
+
+  Reads config.data.volumes_file if it exists, else a volumes file of synthetic scans written to
+  a temporary folder. Rows: 'h5py' (VolumesSource.read_patch at random corners of random scans in
+  this process: the reader's ceiling) and, per worker count, 'loader' (global int16 patch
+  batches of config.detect.patch_size) and 'loader+augment'
+  (plus jitted augment_patches, waited on). Batches of config.train.global_batch_size.
+  """
+  from jaxmed.data.patch_loader import make_patch_train_iterator
+  from jaxmed.data.volumes_file import VolumesSource
+  from jaxmed.parallel import mesh as mesh_lib
+  from jaxmed.parallel import sharding as sharding_lib
+  results = []
+  global_batch_size = config.train.global_batch_size
+  mesh = mesh_lib.create_mesh(config.mesh)
+  batch_sharding = sharding_lib.batch_sharding(mesh, config.mesh.logical_rules, 1)
+  patch_size = tuple(int(s) for s in config.detect.patch_size)
+  with tempfile.TemporaryDirectory(prefix='jaxmed_patches_benchmark_') as tmp:
+    path = _benchmark_volumes_file(config, tmp)
+    source = VolumesSource(path)
+    common = dict(patch_size='x'.join(map(str, patch_size)), scans=len(source),
+                  file_mb=os.path.getsize(path) / 2**20)
+    rng = np.random.default_rng(0)
+
+    def read_one():
+      i = int(rng.integers(len(source)))
+      corner = rng.integers(0, np.maximum(source.shapes[i] - patch_size, 0) + 1)
+      source.read_patch(i, corner, patch_size)
+
+    rate, batches = _rate(read_one, seconds, 1)
+    source.close()
+    results.append(dict(common, workers=0, mode='h5py', patches_per_s=rate, batches=batches))
+    bench_config = config.copy_and_resolve_references()
+    bench_config.data.volumes_file = path
+    bench_config.data.train_subsets = tuple(sorted({int(s) for s in source.subsets}))
+    augment = jax.jit(functools.partial(
+        augment_lib.augment_patches, seed=config.seed, aug_config=config.data.augment,
+        hu_window=tuple(config.data.hu_window)))
+    for num_workers in workers:
+      bench_config.data.workers = num_workers
+      with make_patch_train_iterator(bench_config, batch_sharding) as batches_it:
+        step = [0]
+
+        def load():
+          step[0] += 1
+          return jax.block_until_ready(next(batches_it))
+
+        def load_and_augment():
+          batch = load()
+          jax.block_until_ready(augment(batch['patches'], batch['centers'], batch['valid'],
+                                        batch['index'], step=step[0]))
+
+        load_and_augment()  # Start the workers and compile outside the timing.
+        for mode, run_batch in (('loader', load), ('loader+augment', load_and_augment)):
+          rate, batches = _rate(run_batch, seconds, global_batch_size)
+          results.append(dict(common, workers=num_workers, mode=mode, patches_per_s=rate,
+                              batches=batches))
   return results

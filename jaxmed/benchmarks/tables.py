@@ -115,6 +115,10 @@ def table_rows(what: str, r: dict) -> list[tuple[str, str]]:
       where = '' if cache == 'none' else f' cache={cache}'
       rows.append((f"{row['mode']}{where} w={row['workers']} {row['crop_size']}^3",
                    f"{row['crops_per_s']:,.0f} crops/s"))
+  elif what == 'patches':
+    for row in r['rows']:
+      rows.append((f"{row['mode']} w={row['workers']} {row['patch_size']}",
+                   f"{row['patches_per_s']:,.1f} patches/s"))
   elif what == 'preprocess':
     rows += [('per scan/worker', f"{r['seconds_per_scan_per_worker']:.2f} s "
                                  f"({r['candidates']} candidates)")]

@@ -1,4 +1,5 @@
-"""On-device augmentation and normalisation of int16 HU crops, in JAX (runs inside the jitted step).
+"""On-device augmentation and normalisation of int16 HU crops and detection patches, in JAX (runs
+inside the jitted step; patches: augment_patches and patches_to_unit at the end).
 
 The host ships the stored crops as int16 (B, S, S, S) HU, axes (z, y, x). Everything here turns
 them into the model's float32 input (B, c, c, c, 1) in [0, 1]:
@@ -174,3 +175,77 @@ def augment_crops(crops: jax.Array, index: jax.Array, seed, step, aug_config, cr
     noise = jax.vmap(lambda k: jax.random.normal(k, hu.shape[1:], jnp.float32))(noise_keys)
     hu = hu + float(aug_config.noise_std_hu) * noise
   return hu_to_unit(hu, hu_window)[..., None]
+
+
+# ---- detection patches ------------------------------------------------------------------------
+
+# Columns of each patch's random bits: transpose (y, x); flip bits; scale; shift.
+_PATCH_TRANSPOSE, _PATCH_FLIPS, _PATCH_SCALE, _PATCH_SHIFT, _PATCH_DRAWS = 0, 1, 2, 3, 4
+
+
+def patches_to_unit(patches: jax.Array, hu_window: Sequence[float]) -> jax.Array:
+  """Evaluation input: int16 HU (B, D, H, W) -> float32 (B, D, H, W, 1) in [0, 1]."""
+  return hu_to_unit(patches, hu_window)[..., None]
+
+
+def _where_each(flag: jax.Array, changed: jax.Array, unchanged: jax.Array) -> jax.Array:
+  """Per example b: changed[b] where flag[b], else unchanged[b]."""
+  return jnp.where(flag.reshape((-1,) + (1,) * (changed.ndim - 1)), changed, unchanged)
+
+
+def augment_patches(patches: jax.Array, centers: jax.Array, valid: jax.Array, index: jax.Array,
+                    seed, step, aug_config,
+                    hu_window: Sequence[float]) -> tuple[jax.Array, jax.Array]:
+  """Training input for detection: random flips of z, y and x, rotations by 90 degrees in the
+  axial (y, x) plane, intensity scale/shift/noise, HU window; the centres move with the voxels.
+
+  The 90-degree rotations are the transpose of y and x combined with the flips (all 8 symmetries
+  of the axial square, when H == W and aug_config.rotate); with the z flip that is 16 exact
+  voxel permutations. Depth is never exchanged with another axis: it is the axis the mesh may
+  split, and every transform here keeps each device's depth slab (the z flip only reverses the
+  order of the slabs).
+
+  Args:
+    patches: int16 (B, D, H, W) HU, axes (z, y, x).
+    centers: float (B, K, 3) nodule centres, patch voxel (z, y, x).
+    valid: (B, K) 1 for a nodule, 0 for an empty slot (its centre moves too; it stays masked).
+    index: (B,) int global example positions (step * B + i); they seed each example's key.
+    seed, step: ints or scalar arrays (step is usually traced inside the jitted step).
+    aug_config: config.data.augment (flip, rotate: bool; intensity_scale, intensity_shift_hu,
+      noise_std_hu: float); read at trace time. `translate` does not apply (patch corners are
+      already random).
+    hu_window: (low, high) HU mapped onto [0, 1].
+  Returns:
+    (images float32 (B, D, H, W, 1) in [0, 1], centers float32 (B, K, 3) after the transform).
+  """
+  del valid  # Empty slots move like real ones; the loss masks them.
+  batch, depth, height, width = patches.shape
+  keys = example_keys(seed, step, index)
+  bits = jax.vmap(lambda k: jax.random.bits(k, (_PATCH_DRAWS,), jnp.uint32))(keys)  # (B, 4)
+  hu = patches.astype(jnp.float32)
+  centers = jnp.asarray(centers, jnp.float32)
+  if aug_config.rotate and height == width:
+    transpose = (bits[:, _PATCH_TRANSPOSE] & 1) == 1
+    hu = _where_each(transpose, jnp.swapaxes(hu, 2, 3), hu)
+    centers = _where_each(transpose, centers[..., jnp.array([0, 2, 1])], centers)
+  if aug_config.flip:
+    sizes = jnp.array([depth, height, width], jnp.float32)
+    for axis in range(3):
+      flip = ((bits[:, _PATCH_FLIPS] >> axis) & 1) == 1
+      hu = _where_each(flip, jnp.flip(hu, axis=axis + 1), hu)
+      flipped = centers.at[..., axis].set(sizes[axis] - 1 - centers[..., axis])
+      centers = _where_each(flip, flipped, centers)
+
+  def uniform(column, bound):  # (B, 1, 1, 1) values in [-bound, bound), from 24 random bits.
+    unit = (bits[:, column] >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+    return ((2.0 * unit - 1.0) * bound)[:, None, None, None]
+
+  if aug_config.intensity_scale:
+    hu = hu * (1.0 + uniform(_PATCH_SCALE, float(aug_config.intensity_scale)))
+  if aug_config.intensity_shift_hu:
+    hu = hu + uniform(_PATCH_SHIFT, float(aug_config.intensity_shift_hu))
+  if aug_config.noise_std_hu:
+    noise_keys = jax.vmap(lambda k: jax.random.fold_in(k, _NOISE))(keys)
+    noise = jax.vmap(lambda k: jax.random.normal(k, hu.shape[1:], jnp.float32))(noise_keys)
+    hu = hu + float(aug_config.noise_std_hu) * noise
+  return hu_to_unit(hu, hu_window)[..., None], centers

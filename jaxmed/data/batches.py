@@ -17,11 +17,15 @@ def batch_axis_sharding(batch_sharding: jax.sharding.Sharding, ndim: int):
 
 
 def to_global(value: np.ndarray, batch_sharding: jax.sharding.Sharding,
-              global_batch_size: int) -> jax.Array:
-  """This process's rows (n, ...) of a global (B, ...) batch array, as the global jax.Array."""
+              global_batch_size: int, global_shape: tuple[int, ...] | None = None) -> jax.Array:
+  """This process's part of a global (B, ...) batch array, as the global jax.Array.
+
+  The part is its rows (n, ...) of the batch, or with `global_shape` (B, ...) any block the
+  sharding gives this process (e.g. its rows and its depth slab of patches).
+  """
   return jax.make_array_from_process_local_data(
       batch_axis_sharding(batch_sharding, value.ndim), value,
-      (global_batch_size,) + value.shape[1:])
+      global_shape or (global_batch_size,) + value.shape[1:])
 
 
 class GlobalBatches:

@@ -138,7 +138,7 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS(sys.argv[:1] or ['jaxmed'])
 
 
-def _prefetched(dataset: grain.MapDataset, workers: int, prefetch: int) -> grain.IterDataset:
+def prefetched(dataset: grain.MapDataset, workers: int, prefetch: int) -> grain.IterDataset:
   """One Grain element per batch: `workers` processes (0 = a reader thread in this process)."""
   if workers == 0:
     return dataset.to_iter_dataset(
@@ -152,15 +152,15 @@ def _prefetched(dataset: grain.MapDataset, workers: int, prefetch: int) -> grain
       grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
 
 
-def _ring_for(loader, config, batch_rows: int) -> BatchRing | None:
-  """The shared-memory ring workers read crops into (None when reading in this process)."""
+def ring_for(loader, config, slot_shape: tuple[int, ...]) -> BatchRing | None:
+  """The shared-memory ring workers read a batch's images (`slot_shape` int16) into, set as
+  loader.ring (None when reading in this process)."""
   workers, prefetch = config.data.workers, config.data.prefetch
   if workers < 0 or prefetch < 0:
     raise ValueError(f'config.data.workers ({workers}) and prefetch ({prefetch}) must be >= 0')
   if workers == 0:
     return None
-  loader.ring = BatchRing(slots_needed(workers, max(1, prefetch)),
-                          (batch_rows,) + loader.source.crop_shape)
+  loader.ring = BatchRing(slots_needed(workers, max(1, prefetch)), slot_shape)
   return loader.ring
 
 
@@ -183,11 +183,17 @@ class BatchIterator(GlobalBatches):
 
   def __init__(self, dataset: grain.IterDataset, batch_sharding: jax.sharding.Sharding,
                global_batch_size: int, num_batches: int | None = None,
-               ring: BatchRing | None = None):
+               ring: BatchRing | None = None, ring_key: str = 'crops',
+               layouts: dict[str, tuple[jax.sharding.Sharding, tuple[int, ...]]] | None = None):
+    """ring_key: the element the ring carries (the element holds its batch number instead);
+    layouts: name -> (sharding, global shape) for elements that are not just this process's
+    rows sharded like batch_sharding (e.g. patches also split along depth)."""
     self._iterator = iter(dataset)
     self._batch_sharding = batch_sharding
     self._global_batch_size = global_batch_size
     self._ring = ring
+    self._ring_key = ring_key
+    self._layouts = layouts or {}
     self.num_batches = num_batches
     self._closed = False
     _open_iterators.add(self)
@@ -202,9 +208,12 @@ class BatchIterator(GlobalBatches):
       raise
     if self._ring is not None:
       # One copy out of the ring, into memory this batch owns (JAX may alias it on CPU).
-      local['crops'] = self._ring.take(int(local['crops']))
-    return {name: to_global(value, self._batch_sharding, self._global_batch_size)
-            for name, value in local.items()}
+      local[self._ring_key] = self._ring.take(int(local[self._ring_key]))
+    batch = {}
+    for name, value in local.items():
+      sharding, global_shape = self._layouts.get(name, (self._batch_sharding, None))
+      batch[name] = to_global(value, sharding, self._global_batch_size, global_shape)
+    return batch
 
   def close(self) -> None:
     if not self._closed:
@@ -239,9 +248,9 @@ def make_train_iterator(config, batch_sharding: jax.sharding.Sharding,
   loader = _TrainBatchLoader(source, config.seed, global_batch_size, positions,
                              positive_rows, negative_rows, config.data.positive_fraction)
   loader(start_step)  # Fail here, with a clear message, rather than inside a worker.
-  ring = _ring_for(loader, config, len(positions))
+  ring = ring_for(loader, config, (len(positions),) + source.crop_shape)
   steps = grain.MapDataset.range(start_step, _LAST_STEP).map(loader)
-  return BatchIterator(_prefetched(steps, config.data.workers, config.data.prefetch),
+  return BatchIterator(prefetched(steps, config.data.workers, config.data.prefetch),
                        batch_sharding, global_batch_size, ring=ring)
 
 
@@ -264,9 +273,9 @@ def make_eval_iterator(config, subsets: Iterable[int], batch_sharding: jax.shard
   num_batches = -(-len(rows) // eval_batch_size)
   source = cache_lib.host_crops(config, rows) if mode == 'host' else CropsSource(path)
   loader = _EvalBatchLoader(source, rows, eval_batch_size, positions)
-  ring = _ring_for(loader, config, len(positions))
+  ring = ring_for(loader, config, (len(positions),) + source.crop_shape)
   batches = grain.MapDataset.range(num_batches).map(loader)
-  return BatchIterator(_prefetched(batches, config.data.workers, config.data.prefetch),
+  return BatchIterator(prefetched(batches, config.data.workers, config.data.prefetch),
                        batch_sharding, eval_batch_size, num_batches, ring=ring)
 
 

@@ -15,42 +15,30 @@ This module imports no JAX: workers load it.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import signal
 import time
 
 import h5py
 import numpy as np
-import SimpleITK as sitk
 from absl import logging
 
 from jaxmed.data import crops_file as crops_schema
 from jaxmed.errors import ConfigError
+from jaxmed.data import scan_tasks
 from jaxmed.scans import luna16
 from jaxmed.scans.luna16 import DataError
-from jaxmed.reporting import format_seconds
 
 # LUNA16's evaluation reads an annotation's negative diameter as 10 mm.
 UNKNOWN_DIAMETER_MM = 10.0
 PART_VERSION = 1  # Bump when what a part holds changes: old parts are then recomputed.
-# Test hook: SIGKILL this process after this many scans are newly finished (simulates a crash).
-CRASH_AFTER_ENV = 'JAXMED_PREPROCESS_CRASH_AFTER_SCANS'
+CRASH_AFTER_ENV = scan_tasks.CRASH_AFTER_ENV
+_PART_ARRAYS = ('crops', 'padded', 'outside')
 
 
 # ---- one scan (runs in a worker) ----------------------------------------------------------
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 22), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
 
 def crop_scan(mhd_path: str, centers_world: np.ndarray, spacing_mm: float, interpolator: str,
               size: int) -> tuple[np.ndarray, dict]:
@@ -69,24 +57,16 @@ def crop_scan(mhd_path: str, centers_world: np.ndarray, spacing_mm: float, inter
   return crops, {'padded': padded, 'outside': outside, 'read_s': t1 - t0, 'crop_s': t2 - t1}
 
 
-def init_worker() -> None:
-  # One ITK thread per worker: the workers are the parallelism; threads would fight for cores.
-  sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-
-
 def process_scan(task: dict) -> dict:
   """Crops one scan and saves them to the task's part file (atomically). Runs in a worker."""
   start, cpu_start = time.perf_counter(), time.process_time()
   crops, info = crop_scan(task['mhd_path'], task['centers_world'], task['spacing_mm'],
                           task['interpolator'], task['size'])
   t_hash = time.perf_counter()
-  sources = {task['mhd_rel']: _sha256(task['mhd_path']),
-             task['raw_rel']: _sha256(task['raw_path'])}
+  sources = scan_tasks.scan_sources(task['mhd_path'], task['mhd_rel'])
   info['hash_s'] = time.perf_counter() - t_hash
-  tmp = task['part_path'] + '.partial.npz'
-  np.savez(tmp, crops=crops, padded=info['padded'], outside=info['outside'],
-           key=np.array(task['key']), sources=np.array(json.dumps(sources, sort_keys=True)))
-  os.replace(tmp, task['part_path'])
+  scan_tasks.save_part(task['part_path'], task['key'], sources, crops=crops,
+                       padded=info['padded'], outside=info['outside'])
   info['seconds'] = time.perf_counter() - start
   info['cpu_s'] = time.process_time() - cpu_start  # Core-seconds: what other load cannot inflate.
   return {'seriesuid': task['seriesuid'], 'padded': int(info['padded'].sum()),
@@ -96,14 +76,7 @@ def process_scan(task: dict) -> dict:
 
 def _load_part(path: str, key: str):
   """The cached crops of one scan, or None if absent, unreadable or made from other inputs."""
-  try:
-    with np.load(path) as part:
-      if str(part['key']) != key:
-        return None
-      return {name: part[name] for name in ('crops', 'padded', 'outside')} | {
-          'sources': json.loads(str(part['sources']))}
-  except (OSError, KeyError, ValueError):
-    return None
+  return scan_tasks.load_part(path, key, _PART_ARRAYS)
 
 
 # ---- planning: which candidates, which rows -------------------------------------------------
@@ -149,7 +122,7 @@ def _scan_rows(candidates, annotations, uid_rows, scan, data, seed):
   return rows, labels, centers, diameter, exclude, unmatched
 
 
-def _group_annotations(annotations):
+def group_annotations(annotations):
   by_uid = {}
   for i, uid in enumerate(annotations['seriesuid']):
     by_uid.setdefault(uid, []).append(i)
@@ -163,32 +136,15 @@ def _group_annotations(annotations):
 
 def _task_key(data, seed, scan, rows, centers, labels):
   """What a part's crops depend on: a cached part with another key is recomputed."""
-  stats = [os.stat(p) for p in (scan.mhd_path, scan.raw_path)]
-  digest = hashlib.sha256(json.dumps({
+  digest = scan_tasks.files_key([scan.mhd_path, scan.raw_path], {
       'version': PART_VERSION, 'spacing_mm': float(data.spacing_mm),
-      'interpolator': data.interpolator, 'size': int(data.stored_crop_size),
-      'files': [[s.st_size, s.st_mtime_ns] for s in stats], 'seed': int(seed),
-  }, sort_keys=True).encode())
+      'interpolator': data.interpolator, 'size': int(data.stored_crop_size), 'seed': int(seed)})
   for array in (rows, centers, labels):
     digest.update(np.ascontiguousarray(array).tobytes())
   return digest.hexdigest()
 
 
 # ---- the run --------------------------------------------------------------------------------
-
-def _check_existing_output(path: str, overwrite: bool) -> None:
-  if os.path.isdir(path):
-    raise DataError(f'crops file {path} is a folder; set --config.data.crops_file to a file path')
-  if not os.path.exists(path) or overwrite:
-    return
-  try:
-    n = crops_schema.check_crops_file(path)
-  except crops_schema.CropsFileError as e:
-    raise DataError(f'{path} already exists but is not a complete crops file ({e}); pass '
-                    '--config.data.overwrite=True to replace it') from None
-  raise DataError(f'crops file {path} is already complete ({n} crops); pass '
-                  '--config.data.overwrite=True to rebuild it')
-
 
 def preprocess(config) -> dict:
   """Writes config.data.crops_file from the scans of config.data.subsets; returns a summary.
@@ -202,7 +158,9 @@ def preprocess(config) -> dict:
   if data.preprocess_workers < 0:
     raise ConfigError(f'data.preprocess_workers is {data.preprocess_workers}, must be >= 0 (0 = '
                       'in this process); set --config.data.preprocess_workers')
-  _check_existing_output(out_path, data.overwrite)
+  scan_tasks.check_existing_output(out_path, data.overwrite, 'crops file', 'data.crops_file',
+                                   crops_schema.check_crops_file, crops_schema.CropsFileError,
+                                   'crops')
   if data.interpolator not in luna16.INTERPOLATORS:
     raise DataError(f'data.interpolator is {data.interpolator!r}, not one of '
                     f'{sorted(luna16.INTERPOLATORS)}; set --config.data.interpolator')
@@ -216,7 +174,7 @@ def preprocess(config) -> dict:
   candidates_csv = luna16.resolve(data.raw_dir, data.candidates_csv)
   annotations_csv = luna16.resolve(data.raw_dir, data.annotations_csv)
   candidates = luna16.read_candidates(candidates_csv)
-  annotations = _group_annotations(luna16.read_annotations(annotations_csv))
+  annotations = group_annotations(luna16.read_annotations(annotations_csv))
   subsets = tuple(int(s) for s in data.subsets)
   selected = sorted((s for s in scans.values() if s.subset in subsets),
                     key=lambda s: (s.subset, s.seriesuid))
@@ -246,12 +204,7 @@ def preprocess(config) -> dict:
       if not os.path.isfile(path):
         raise DataError(f'scan file {path} (data of {scan.mhd_path}) does not exist; restore '
                         'it, or move the scan out of the subset folders')
-  parts_dir = out_path + '.parts'
-  try:
-    os.makedirs(parts_dir, exist_ok=True)
-  except OSError as e:
-    raise DataError(f'cannot write next to crops file {out_path} ({parts_dir}: {e.strerror}); '
-                    'set --config.data.crops_file to a writable path') from None
+  parts_dir = scan_tasks.make_parts_dir(out_path, 'crops file', 'data.crops_file')
   plans, pending, unmatched_positives, dropped = [], [], 0, 0
   no_candidates = 0
   for scan in selected:
@@ -271,8 +224,6 @@ def preprocess(config) -> dict:
     if _load_part(part_path, key) is None:
       pending.append({'seriesuid': scan.seriesuid, 'mhd_path': scan.mhd_path,
                       'mhd_rel': os.path.relpath(scan.mhd_path, data.raw_dir),
-                      'raw_path': scan.raw_path,
-                      'raw_rel': os.path.relpath(scan.raw_path, data.raw_dir),
                       'centers_world': centers, 'spacing_mm': float(data.spacing_mm),
                       'interpolator': data.interpolator, 'size': int(data.stored_crop_size),
                       'part_path': part_path, 'key': key})
@@ -285,7 +236,8 @@ def preprocess(config) -> dict:
                len(plans), list(subsets), cached, parts_dir,
                sum(len(p['labels']) for p in plans), out_path)
 
-  results = _run_tasks(pending, int(data.preprocess_workers), len(plans), cached)
+  results = scan_tasks.run_tasks(process_scan, pending, int(data.preprocess_workers),
+                                 len(plans), cached)
   summary = _write_crops_file(config, plans, out_path, candidates_csv, annotations_csv)
   shutil.rmtree(parts_dir, ignore_errors=True)
 
@@ -297,56 +249,20 @@ def preprocess(config) -> dict:
       'seconds': time.perf_counter() - start,
       'seconds_per_scan_per_worker': float(np.mean(worker_seconds)) if results else None,
   })
+  summary.update(scan_tasks.throughput(out_path, summary['scans'], summary['seconds']))
   logging.info(
       'preprocess: done in %.1f s: %d scans (%d from cache), %d crops (%d positive, %d '
       'excluded negatives), %d padded at the volume edge (%d centred outside it); skipped: %d '
       'candidates whose scan is missing (%d scans), %d negatives over the per-scan cap; '
-      '%s s/scan/worker', summary['seconds'], summary['scans'], cached, summary['crops'],
-      summary['positives'], summary['excluded'], summary['padded'], summary['outside_volume'],
-      skipped_missing, len(missing), dropped,
-      f'{summary["seconds_per_scan_per_worker"]:.2f}' if results else 'n/a')
+      '%s s/scan/worker; %.1f MB/scan, %.2f scans/s', summary['seconds'], summary['scans'],
+      cached, summary['crops'], summary['positives'], summary['excluded'], summary['padded'],
+      summary['outside_volume'], skipped_missing, len(missing), dropped,
+      f'{summary["seconds_per_scan_per_worker"]:.2f}' if results else 'n/a',
+      summary['bytes_per_scan'] / 1e6, summary['scans_per_s'])
   if unmatched_positives:
     logging.warning('preprocess: %d positive candidates lie inside no nodule of %s '
                     '(diameter_mm=-1: unknown)', unmatched_positives, annotations_csv)
   return summary
-
-
-def _run_tasks(pending: list[dict], workers: int, total: int, cached: int) -> list[dict]:
-  """Runs the scans' tasks (0 workers = in this process), logging one progress line per scan."""
-  crash_after = int(os.environ.get(CRASH_AFTER_ENV, '0') or 0)
-  start = time.perf_counter()
-  results = []
-
-  def report(result):
-    results.append(result)
-    done = len(results)
-    elapsed = time.perf_counter() - start
-    logging.info('preprocess: %d/%d scans | %s | %.2f s read+crop | %.2f scans/s | ETA %s',
-                 cached + done, total, result['seriesuid'], result['seconds'],
-                 done / elapsed, format_seconds(elapsed / done * (len(pending) - done)))
-    if crash_after and done >= crash_after:
-      os.kill(os.getpid(), signal.SIGKILL)
-
-  if workers <= 0 or len(pending) <= 1:
-    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    init_worker()  # Cubes are small: ITK threads cost more than they give.
-    try:
-      for task in pending:
-        report(process_scan(task))
-    finally:
-      sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    return results
-  context = multiprocessing.get_context('spawn')  # No fork of a process that may hold JAX.
-  with concurrent.futures.ProcessPoolExecutor(min(workers, len(pending)), mp_context=context,
-                                              initializer=init_worker) as pool:
-    futures = [pool.submit(process_scan, task) for task in pending]
-    try:
-      for future in concurrent.futures.as_completed(futures):
-        report(future.result())
-    except BaseException:
-      pool.shutdown(wait=True, cancel_futures=True)  # Finished scans stay cached.
-      raise
-  return results
 
 
 def _write_crops_file(config, plans: list[dict], out_path: str, candidates_csv: str,
@@ -356,14 +272,8 @@ def _write_crops_file(config, plans: list[dict], out_path: str, candidates_csv: 
   size = int(data.stored_crop_size)
   n = sum(len(p['labels']) for p in plans)
   uids = [p['scan'].seriesuid for p in plans]
-  sources = {}
-  for path in (candidates_csv, annotations_csv):
-    rel = os.path.relpath(path, data.raw_dir)
-    sources[rel if not rel.startswith('..') else path] = _sha256(path)
-  tmp = out_path + '.partial'
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  if os.path.exists(tmp):
-    os.remove(tmp)
+  sources = scan_tasks.csv_sources([candidates_csv, annotations_csv], data.raw_dir)
+  tmp = scan_tasks.fresh_temporary(out_path)
   padded = outside = 0
   with h5py.File(tmp, 'w') as f:
     crops = f.create_dataset('crops', (n, size, size, size), np.int16,

@@ -14,12 +14,17 @@ from jaxmed.errors import ConfigError
 
 # Seed streams of the training order (folded with config.seed; each stream is independent).
 _POSITIVE_STREAM, _NEGATIVE_STREAM, _ORDER_STREAM = 0, 1, 2
+NODULE_STREAM = 3  # The nodules that positive detection patches hold (data/patch_sampling.py).
 
 
-def positives_per_batch(global_batch_size: int, positive_fraction: float) -> int:
-  """Positives in every training batch: round(B * fraction) (Python rounding, half to even)."""
+def positives_per_batch(global_batch_size: int, positive_fraction: float,
+                        key: str = 'data.positive_fraction') -> int:
+  """Positives in every training batch: round(B * fraction) (Python rounding, half to even).
+
+  ConfigError (one line naming config `key`) unless the fraction is in [0, 1].
+  """
   if not 0.0 <= positive_fraction <= 1.0:
-    raise ConfigError(f'data.positive_fraction must be in [0, 1], got {positive_fraction}')
+    raise ConfigError(f'{key} must be in [0, 1], got {positive_fraction}; set --config.{key}')
   return int(round(global_batch_size * positive_fraction))
 
 
@@ -36,11 +41,14 @@ def _epoch_permutations(stream: int):
 
 
 _EPOCH_PERMUTATIONS = {stream: _epoch_permutations(stream)
-                       for stream in (_POSITIVE_STREAM, _NEGATIVE_STREAM)}
+                       for stream in (_POSITIVE_STREAM, _NEGATIVE_STREAM, NODULE_STREAM)}
 
 
-def _stream_rows(rows: np.ndarray, seed: int, stream: int, start: int, count: int) -> np.ndarray:
-  """Elements start..start+count-1 of `rows` repeated forever, reshuffled every epoch."""
+def stream_rows(rows: np.ndarray, seed: int, stream: int, start: int, count: int) -> np.ndarray:
+  """Elements start..start+count-1 of `rows` repeated forever, reshuffled every epoch.
+
+  stream: one of the positive / negative streams (each has its own seeds and epoch cache).
+  """
   positions = start + np.arange(count, dtype=np.int64)
   epochs, within = np.divmod(positions, len(rows))
   out = np.empty(count, np.int64)
@@ -73,10 +81,10 @@ def train_batch_rows(seed: int, step: int, global_batch_size: int, positive_rows
           'check --config.data.train_subsets and --config.data.positive_fraction')
   parts = []
   if num_positive:
-    parts.append(_stream_rows(positive_rows, seed, _POSITIVE_STREAM, step * num_positive,
+    parts.append(stream_rows(positive_rows, seed, _POSITIVE_STREAM, step * num_positive,
                               num_positive))
   if num_negative:
-    parts.append(_stream_rows(negative_rows, seed, _NEGATIVE_STREAM, step * num_negative,
+    parts.append(stream_rows(negative_rows, seed, _NEGATIVE_STREAM, step * num_negative,
                               num_negative))
   rows = np.concatenate(parts)
   order = np.random.default_rng([seed, _ORDER_STREAM, step]).permutation(global_batch_size)

@@ -13,7 +13,24 @@ import numpy as np
 from jaxmed.data import crops_file
 
 
-class CropsSource:
+class LazyFile:
+  """An HDF5 file opened lazily by the process that reads: `_handle` = (pid, h5py.File, ...),
+  reopened after a fork, dropped when pickled (h5py handles cannot cross processes)."""
+
+  _handle = None
+
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state['_handle'] = None
+    return state
+
+  def close(self) -> None:
+    if self._handle is not None and self._handle[0] == os.getpid():
+      self._handle[1].close()
+    self._handle = None
+
+
+class CropsSource(LazyFile):
   """Grain random-access source over a schema-v1 crops file.
 
   Item `row` is {'crops': int16 (S, S, S) HU, 'label': int32 (), 'index': int64 () = row}.
@@ -27,11 +44,6 @@ class CropsSource:
     with h5py.File(self.path, 'r') as f:
       self.crop_shape = tuple(int(s) for s in f['crops'].shape[1:])
     self._handle = None  # (pid, h5py.File, crops, labels int32 (N,), direct), per process.
-
-  def __getstate__(self):
-    state = self.__dict__.copy()
-    state['_handle'] = None
-    return state
 
   def _open(self):
     if self._handle is None or self._handle[0] != os.getpid():
@@ -89,11 +101,6 @@ class CropsSource:
         memory_space = h5py.h5s.create_simple((stop - start,) + self.crop_shape)
         crops.id.read(memory_space, file_space, out[start:stop])
     return out
-
-  def close(self) -> None:
-    if self._handle is not None and self._handle[0] == os.getpid():
-      self._handle[1].close()
-    self._handle = None
 
   def __repr__(self) -> str:
     return f'CropsSource(path={self.path!r}, crops={self._length}, crop_shape={self.crop_shape})'

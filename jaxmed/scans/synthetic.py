@@ -2,11 +2,13 @@
 
 `synthesize(config)` writes `raw_dir/subset<k>/<seriesuid>.mhd/.raw` (int16 HU, through
 SimpleITK) plus annotations.csv and candidates_V2.csv, so the whole pipeline runs offline on data
-whose truth is known. Each scan: air outside a body ellipse, soft tissue, two lungs, branching
-vessel-like tubes in the lungs, and solid ellipsoid nodules (some touching the lung wall). Scans
-vary in in-plane spacing (0.5-0.9 mm), slice spacing (0.6-2.5 mm), origin and direction (some
-have flipped axes). Candidates: jittered positives at every nodule, negatives on vessels (hard),
-in the lungs and in the body.
+whose truth is known. Each scan (the phantom: synthetic_anatomy.py): air outside a body
+ellipse, soft tissue, two lungs, branching vessel trees in the lungs, and solid ellipsoid nodules
+(isolated, touching the lung wall, or touching a vessel). Scans vary in in-plane spacing
+(0.5-0.9 mm), slice spacing (0.6-2.5 mm), origin and direction (some have flipped axes); their
+size is data.synthetic.shape_xyz (LUNA16-like 512 x 512 x 250 takes about 2.5 s a scan).
+Candidates: jittered positives at every nodule, negatives on vessels and their branch points
+(hard), in the lungs and in the body.
 
 The phantom is defined in world mm (x, y, z) and evaluated on the scan's voxel grid, so the CSV
 coordinates are right whatever the direction. Same `synthetic.seed` -> byte-identical files.
@@ -26,6 +28,8 @@ import SimpleITK as sitk
 from absl import logging
 
 from jaxmed.scans import luna16
+from jaxmed.scans.synthetic_anatomy import (Ellipsoid, Grid, paint_nodule, paint_segment,
+                                            place_nodules, unit, vessel_tree)
 
 UID_PREFIX = '1.3.6.1.4.1.14519.5.2.1.6279.6001.'
 MARKER = 'SYNTHETIC.json'  # Marks a raw_dir written by synthesize (and lists its files).
@@ -45,46 +49,6 @@ class ScanSpec:
   spacing_xyz: tuple[float, float, float]
   direction_signs: tuple[int, int, int]
   seed: tuple[int, ...]
-
-
-@dataclasses.dataclass
-class _Grid:
-  """The canonical grid: world coordinate of every index along x, y, z (increasing)."""
-  xs: np.ndarray
-  ys: np.ndarray
-  zs: np.ndarray
-  low: np.ndarray  # World (x, y, z) of voxel (0, 0, 0) of the canonical array.
-  spacing: np.ndarray
-
-  def box(self, low_xyz, high_xyz):
-    """Index slices (z, y, x) of the canonical array covering the world box, and its coords."""
-    lo = np.maximum(np.floor((np.asarray(low_xyz) - self.low) / self.spacing), 0).astype(int)
-    hi = np.ceil((np.asarray(high_xyz) - self.low) / self.spacing).astype(int) + 1
-    hi = np.minimum(hi, [len(self.xs), len(self.ys), len(self.zs)])
-    if np.any(hi <= lo):
-      return None
-    slices = (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
-    coords = (self.xs[lo[0]:hi[0]][None, None, :], self.ys[lo[1]:hi[1]][None, :, None],
-              self.zs[lo[2]:hi[2]][:, None, None])
-    return slices, coords
-
-
-@dataclasses.dataclass
-class _Ellipsoid:
-  center: np.ndarray  # World (x, y, z) mm.
-  axes: np.ndarray  # Semi-axes, mm.
-
-  def inside(self, points_xyz, shrink=1.0):
-    return np.sum(((np.asarray(points_xyz) - self.center) / (self.axes * shrink)) ** 2, -1) <= 1
-
-  def mask(self, coords):
-    x, y, z = coords
-    c, a = self.center, self.axes
-    return ((x - c[0]) / a[0]) ** 2 + ((y - c[1]) / a[1]) ** 2 + ((z - c[2]) / a[2]) ** 2 <= 1
-
-
-def _unit(v):
-  return v / np.linalg.norm(v)
 
 
 def _random_uid(rng, taken):
@@ -111,100 +75,6 @@ def scan_specs(synthetic) -> list[ScanSpec]:
   return specs
 
 
-# ---- anatomy --------------------------------------------------------------------------------
-
-def _vessel_segments(rng, lung: _Ellipsoid, medial_sign: float):
-  """Branching, curving tubes from the hilum: list of (p0, p1, radius_mm), in world mm."""
-  scale = float(np.min(lung.axes))
-  r_start_max = float(np.clip(0.15 * scale, 1.2, 4.0))
-  n_trees = int(np.clip(np.prod(lung.axes) / 2500.0, 4, 24))
-  segments = []
-  for _ in range(n_trees):
-    hilum = lung.center + lung.axes * np.array(
-        [medial_sign * 0.55, rng.uniform(-0.3, 0.3), rng.uniform(-0.35, 0.35)])
-    heading = _unit(np.array([-medial_sign, 0.0, 0.0]) + rng.normal(0, 0.6, 3))
-    stack = [(hilum, heading, rng.uniform(0.7, 1.0) * r_start_max, 0)]
-    while stack:
-      point, heading, radius, depth = stack.pop()
-      for _ in range(40):
-        heading = _unit(heading + rng.normal(0, 0.25, 3))
-        step = radius * rng.uniform(2.0, 3.5) + 1.5
-        nxt = point + heading * step
-        if not lung.inside(nxt, shrink=0.93):
-          break
-        segments.append((point, nxt, radius))
-        point, radius = nxt, radius * 0.92
-        if radius < 1.0:
-          break
-        if depth < 4 and rng.random() < 0.35:
-          stack.append((point, _unit(heading + rng.normal(0, 0.8, 3)), radius * 0.85, depth + 1))
-  return segments
-
-
-def _paint_segment(volume, grid: _Grid, p0, p1, radius, hu, lungs):
-  """Sets voxels within `radius` of segment p0-p1 that lie in a lung to `hu`."""
-  found = grid.box(np.minimum(p0, p1) - radius, np.maximum(p0, p1) + radius)
-  if found is None:
-    return
-  slices, (x, y, z) = found
-  d = p1 - p0
-  t = ((x - p0[0]) * d[0] + (y - p0[1]) * d[1] + (z - p0[2]) * d[2]) / max(float(d @ d), 1e-9)
-  t = np.clip(t, 0.0, 1.0)
-  dist2 = (x - p0[0] - t * d[0]) ** 2 + (y - p0[1] - t * d[1]) ** 2 + (z - p0[2] - t * d[2]) ** 2
-  in_lung = lungs[0].mask((x, y, z)) | lungs[1].mask((x, y, z))
-  volume[slices][(dist2 <= radius * radius) & in_lung] = hu
-
-
-def _place_nodules(rng, lungs, synthetic, count):
-  """Nodule centres (world mm), diameters, semi-axes, rotations; some touch the lung wall."""
-  d_min, d_max = (float(v) for v in synthetic.nodule_diameter_mm)
-  nodules, clamped = [], 0
-  for _ in range(count):
-    lung = lungs[rng.integers(0, 2)]
-    diameter = float(np.exp(rng.uniform(np.log(d_min), np.log(d_max))))
-    cap = 1.2 * float(np.min(lung.axes))  # A nodule must fit in a lung (small test scans).
-    if diameter > cap:
-      diameter, clamped = cap, clamped + 1
-    radius = diameter / 2
-    axes = radius * rng.uniform(0.85, 1.15, 3)
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    rotation = q * np.sign(np.diag(r))
-    for _ in range(50):
-      if rng.random() < 0.3:  # Juxtapleural: centre 0.8 radius inside the lung wall.
-        u = _unit(rng.normal(size=3))
-        surface = lung.center + u * lung.axes
-        inward = -_unit(u / lung.axes)
-        center = surface + inward * 0.8 * radius
-      else:
-        room = np.maximum(lung.axes - radius - 1.0, 0.5)
-        u = _unit(rng.normal(size=3)) * rng.uniform(0, 1) ** (1 / 3)
-        center = lung.center + u * room
-      if all(np.linalg.norm(center - n['center']) > radius + n['diameter'] / 2 + 3.0
-             for n in nodules):
-        break
-    nodules.append({'center': center, 'diameter': diameter, 'axes': axes,
-                    'rotation': rotation, 'hu': int(rng.integers(0, 61))})
-  return nodules, clamped
-
-
-def _paint_nodule(volume, grid: _Grid, nodule):
-  reach = float(np.max(nodule['axes']))
-  c = nodule['center']
-  found = grid.box(c - reach, c + reach)
-  if found is None:
-    return
-  slices, (x, y, z) = found
-  dx, dy, dz = x - c[0], y - c[1], z - c[2]
-  rot, axes = nodule['rotation'], nodule['axes']
-  inside = np.zeros(np.broadcast_shapes(dx.shape, dy.shape, dz.shape), bool)
-  total = 0.0
-  for k in range(3):  # Coordinates along the nodule's own axes: rot.T @ (p - c).
-    along = rot[0, k] * dx + rot[1, k] * dy + rot[2, k] * dz
-    total = total + (along / axes[k]) ** 2
-  inside |= total <= 1.0
-  volume[slices][inside] = nodule['hu']
-
-
 def _make_scan(spec: ScanSpec, synthetic):
   """Builds one scan. Returns (image, nodules, candidate rows [(x, y, z, class)], clamped)."""
   rng = np.random.default_rng(list(spec.seed))
@@ -213,7 +83,7 @@ def _make_scan(spec: ScanSpec, synthetic):
   extent = (shape - 1) * spacing
   center = np.array([rng.uniform(-30, 30), rng.uniform(-60, 60), rng.uniform(-350, -100)])
   low = np.round(center - extent / 2, 3)
-  grid = _Grid(*(low[a] + np.arange(shape[a]) * spacing[a] for a in range(3)), low, spacing)
+  grid = Grid(*(low[a] + np.arange(shape[a]) * spacing[a] for a in range(3)), low, spacing)
 
   # Body (an elliptic cylinder along z), then the two lungs: int16 HU, canonical (z, y, x).
   half = extent / 2
@@ -224,22 +94,27 @@ def _make_scan(spec: ScanSpec, synthetic):
   volume[:] = np.where(body2d, BODY_HU, AIR_HU).astype(np.int16)[None]
   lungs = []
   for side in (-1.0, 1.0):
-    lung = _Ellipsoid(center + np.array([side * 0.47 * body_axes[0], -0.05 * body_axes[1], 0.0]),
+    lung = Ellipsoid(center + np.array([side * 0.47 * body_axes[0], -0.05 * body_axes[1], 0.0]),
                       np.array([0.36 * body_axes[0], 0.68 * body_axes[1], 0.44 * extent[2]]))
     slices, coords = grid.box(lung.center - lung.axes, lung.center + lung.axes)
     volume[slices][lung.mask(coords)] = LUNG_HU
     lungs.append(lung)
 
-  vessel_points = []  # (point, radius): where hard negatives go.
+  vessel_points = []  # (point, radius): where hard negatives go, branch points among them.
+  vessels_by_lung = []
   for lung, side in zip(lungs, (-1.0, 1.0)):
-    for p0, p1, radius in _vessel_segments(rng, lung, medial_sign=-side):
-      _paint_segment(volume, grid, p0, p1, radius, int(rng.integers(40, 101)), lungs)
+    segments, branch_points = vessel_tree(rng, lung, medial_sign=-side)
+    for p0, p1, radius in segments:
+      paint_segment(volume, grid, p0, p1, radius, int(rng.integers(40, 101)), lungs)
       vessel_points.append((0.5 * (p0 + p1), radius))
+    vessel_points += branch_points
+    vessels_by_lung.append(segments)
 
   low_n, high_n = (int(v) for v in synthetic.nodules_per_scan)
-  nodules, clamped = _place_nodules(rng, lungs, synthetic, int(rng.integers(low_n, high_n + 1)))
+  nodules, clamped = place_nodules(rng, lungs, vessels_by_lung, synthetic,
+                                   int(rng.integers(low_n, high_n + 1)))
   for nodule in nodules:
-    _paint_nodule(volume, grid, nodule)
+    paint_nodule(volume, grid, nodule)
 
   # Noise, slab by slab to bound memory on LUNA16-sized scans.
   for z0 in range(0, volume.shape[0], 32):
@@ -266,7 +141,7 @@ def _candidates(rng, synthetic, nodules, lungs, vessel_points, center, body_axes
   low_p, high_p = (int(v) for v in synthetic.positives_per_nodule)
   for nodule in nodules:
     for _ in range(int(rng.integers(low_p, high_p + 1))):
-      jitter = _unit(rng.normal(size=3)) * rng.uniform(0, min(0.25 * nodule['diameter'], 2.5))
+      jitter = unit(rng.normal(size=3)) * rng.uniform(0, min(0.25 * nodule['diameter'], 2.5))
       rows.append((*(nodule['center'] + jitter), 1))
 
   def far_from_nodules(p):
@@ -290,7 +165,7 @@ def _candidates(rng, synthetic, nodules, lungs, vessel_points, center, body_axes
         break
       if region == 'lung':
         lung = lungs[rng.integers(0, 2)]
-        p = lung.center + _unit(rng.normal(size=3)) * rng.uniform(0, 1) ** (1 / 3) * lung.axes
+        p = lung.center + unit(rng.normal(size=3)) * rng.uniform(0, 1) ** (1 / 3) * lung.axes
       else:
         p = np.array([rng.uniform(grid.xs[0], grid.xs[-1]), rng.uniform(grid.ys[0], grid.ys[-1]),
                       rng.uniform(grid.zs[0], grid.zs[-1])])
