@@ -10,7 +10,6 @@ import collections
 import hashlib
 import math
 import os
-import tempfile
 import weakref
 
 import jax
@@ -19,6 +18,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxmed import leftovers
+from jaxmed.data import shared_memory
 from jaxmed.data.batches import GlobalBatches, to_global
 from jaxmed.data.sampling import train_batch_rows
 from jaxmed.data.source import CropsSource, split_by_label, split_rows
@@ -76,8 +77,7 @@ def clear() -> None:
   _host_caches.clear()
 
 
-def _fmt_bytes(n: float) -> str:
-  return f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB'
+_fmt_bytes = shared_memory.fmt_bytes
 
 
 # ---- device: rows split over every device, batches gathered on the devices --------------------
@@ -280,26 +280,6 @@ def device_eval_iterator(config, rows: np.ndarray, batch_sharding,
 # ---- host: one shared-memory file that every reading process maps ---------------------------
 
 
-def _available_host_bytes() -> int | None:
-  try:
-    with open('/proc/meminfo') as f:
-      for line in f:
-        if line.startswith('MemAvailable:'):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
-
-
-def shared_memory_dir(nbytes: int) -> str:
-  """/dev/shm (RAM) when it has room for `nbytes`, else the temporary directory."""
-  if os.path.isdir('/dev/shm') and os.access('/dev/shm', os.W_OK):
-    stat = os.statvfs('/dev/shm')  # Containers often mount a small one (Docker: 64 MB).
-    if stat.f_bavail * stat.f_frsize > nbytes:
-      return '/dev/shm'
-  return tempfile.gettempdir()
-
-
 class HostCrops:
   """The crops of the sorted file `rows` in one int16 file in shared memory, mapped read-only by
   each process that reads; a drop-in for CropsSource in the Grain loaders (crop_shape,
@@ -310,20 +290,24 @@ class HostCrops:
     self.rows = np.asarray(rows, np.int64)
     self.crop_shape = source.crop_shape
     nbytes = len(self.rows) * math.prod(self.crop_shape) * 2
-    available = _available_host_bytes()
+    available = shared_memory.available_host_bytes()  # The container's limit included.
     if available is not None and nbytes > available:
       raise CacheError(
           f'the host crops cache needs {_fmt_bytes(nbytes)} ({len(self.rows)} crops of '
-          f'{self.crop_shape} int16) but this host has {_fmt_bytes(available)} available; use '
-          '--config.data.cache=none (read from the file) or fewer subsets')
+          f'{self.crop_shape} int16) but this process may use {_fmt_bytes(available)} (host '
+          'and container limit); use --config.data.cache=none (read from the file) or fewer '
+          'subsets')
     self._labels = source.labels(np.arange(len(source)))
-    fd, self.path = tempfile.mkstemp(prefix='jaxmed-crops-', suffix='.int16',
-                                     dir=shared_memory_dir(nbytes))
+    fd, self.path = leftovers.mkstemp('jaxmed-crops-', shared_memory.shared_memory_dir(nbytes),
+                                      '.int16')
     os.close(fd)
     # The creating process removes the file when this object goes (workers keep their mapping).
-    self._remove = weakref.finalize(self, _remove_file, self.path)
+    self._remove = weakref.finalize(self, shared_memory.remove, self.path)
     crops = np.lib.format.open_memmap(self.path, 'w+', np.int16,
                                       (max(len(self.rows), 1),) + self.crop_shape)
+    shared_memory.allocate(self.path, os.path.getsize(self.path),
+                           f'the host crops cache ({len(self.rows)} crops of {self.crop_shape} '
+                           'int16)')
     for first in range(0, len(self.rows), _READ_ROWS):
       chunk = self.rows[first:first + _READ_ROWS]
       source.read_crops(chunk, crops[first:first + len(chunk)])
@@ -362,13 +346,6 @@ class HostCrops:
       out = np.empty((rows.size,) + self.crop_shape, np.int16)
     np.take(self._crops(), positions, axis=0, out=out)
     return out
-
-
-def _remove_file(path: str) -> None:
-  try:
-    os.unlink(path)
-  except FileNotFoundError:
-    pass
 
 
 def host_crops(config, rows: np.ndarray) -> HostCrops:

@@ -25,6 +25,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding
 
+from jaxmed import leftovers
 from jaxmed.data import cache as cache_lib
 from jaxmed.data.batch_ring import BatchRing, aligned_empty, slots_needed
 from jaxmed.data.batches import GlobalBatches, batch_axis_sharding, to_global
@@ -148,8 +149,10 @@ def _prefetched(dataset: grain.MapDataset, workers: int, prefetch: int) -> grain
   batches = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   batches = grain.experimental.WithOptionsIterDataset(
       batches, grain.experimental.DatasetOptions(min_shm_size=_NO_GRAIN_SHARED_MEMORY))
+  # Workers end with this process, even after a kill -9 of it (jaxmed/leftovers.py).
   return batches.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)),
+      worker_init_fn=leftovers.exit_with_parent)
 
 
 def _ring_for(loader, config, batch_rows: int) -> BatchRing | None:

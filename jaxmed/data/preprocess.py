@@ -29,6 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 from absl import logging
 
+from jaxmed import leftovers
 from jaxmed.data import crops_file as crops_schema
 from jaxmed.scans import luna16
 from jaxmed.scans.luna16 import DataError
@@ -71,6 +72,11 @@ def crop_scan(mhd_path: str, centers_world: np.ndarray, spacing_mm: float, inter
 def init_worker() -> None:
   # One ITK thread per worker: the workers are the parallelism; threads would fight for cores.
   sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _init_pool_worker() -> None:
+  init_worker()
+  leftovers.exit_with_parent()  # A kill -9 of the parent leaves no worker running.
 
 
 def process_scan(task: dict) -> dict:
@@ -329,7 +335,7 @@ def _run_tasks(pending: list[dict], workers: int, total: int, cached: int) -> li
     return results
   context = multiprocessing.get_context('spawn')  # No fork of a process that may hold JAX.
   with concurrent.futures.ProcessPoolExecutor(min(workers, len(pending)), mp_context=context,
-                                              initializer=init_worker) as pool:
+                                              initializer=_init_pool_worker) as pool:
     futures = [pool.submit(process_scan, task) for task in pending]
     try:
       for future in concurrent.futures.as_completed(futures):
