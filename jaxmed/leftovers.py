@@ -16,6 +16,7 @@ saves a checkpoint first, stops them itself (Grain asks them to stop, then SIGKI
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import signal
@@ -113,7 +114,10 @@ def exit_with_parent(worker_index: int = 0, worker_count: int = 1) -> None:
   """
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
-  parent = os.getppid()
+  # The pid the parent passed down, not getppid(): the parent may have died while this process
+  # was still starting (then getppid() is already 1, or a subreaper's).
+  spawned_by = multiprocessing.parent_process()
+  parent = spawned_by.pid if spawned_by is not None else os.getppid()
 
   def watch():
     while os.getppid() == parent:

@@ -115,9 +115,12 @@ def _owned_files(pids) -> list[str]:
   return found
 
 
+FAST_COMPILE = '--xla_backend_optimization_level=0'
+
+
 def _args(tiny_dataset, workers, steps):
   overrides = {**TINY, **tiny_dataset, 'data.cache': 'host', 'data.workers': workers,
-               'train.steps': steps, 'checkpoint.every_steps': 1000}
+               'train.steps': steps, 'checkpoint.every_steps': 1000, 'model.name': 'cnn3d'}
   return ['--config=configs/default.py', *cli_overrides(overrides)]
 
 
@@ -126,7 +129,8 @@ def _args(tiny_dataset, workers, steps):
 def test_kill_9_of_the_main_process_leaves_no_process_and_no_shared_memory(tiny_dataset,
                                                                            tmp_path):
   env = {k: v for k, v in os.environ.items() if not k.startswith('JAXMED_')}
-  env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  # Compilation dominates these runs on a small CPU: XLA's optimisation level 0 halves it.
+  env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', XLA_FLAGS=FAST_COMPILE)
   killed = []
   for workers in (1, 2):
     workdir = tmp_path / f'workers{workers}'
@@ -135,26 +139,29 @@ def test_kill_9_of_the_main_process_leaves_no_process_and_no_shared_memory(tiny_
         [sys.executable, '-m', 'jaxmed.main', f'--workdir={workdir}',
          *_args(tiny_dataset, workers, 100000)], cwd=REPO, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Killed once it trains: its workers read, its ring and crops cache are in shared memory.
     metrics = workdir / 'metrics.jsonl'
     deadline = time.time() + 300
-    while not (metrics.exists() and metrics.read_text().count('\n') >= 2):
+    while not (metrics.exists() and metrics.read_text().count('\n') >= 1):
       assert proc.poll() is None, proc.stderr.read()[-3000:]
       assert time.time() < deadline, 'the run never logged a step'
-      time.sleep(0.1)
-    assert len(_group_alive(proc.pid)) >= 1 + workers  # The workers run (and the tracker).
-    assert _owned_files([proc.pid])  # The ring and the crops cache are in shared memory.
+      time.sleep(0.05)
+    assert len(_group_alive(proc.pid)) >= 1 + workers
+    assert len(_owned_files([proc.pid])) == 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()  # Reaped: a zombie main process is not "alive".
     proc.stderr.close()
     deadline = time.time() + 5
     while (_group_alive(proc.pid) or _owned_files([proc.pid])) and time.time() < deadline:
       time.sleep(0.1)
-    assert _group_alive(proc.pid) == [], f'{workers} worker(s): still running 5 s after kill -9'
+    alive = _group_alive(proc.pid)
+    assert alive == [], f'{workers} worker(s): {alive} still running 5 s after kill -9'
     assert _owned_files([proc.pid]) == []
     killed.append(proc.pid)
 
   # The next run (short) finishes and leaves nothing of its own or of the killed runs.
-  done = run_main(_args(tiny_dataset, 2, 2), str(tmp_path / 'next'))
+  done = run_main(_args(tiny_dataset, 2, 1), str(tmp_path / 'next'),
+                  env_extra={'XLA_FLAGS': FAST_COMPILE})
   assert 'Traceback' not in done.stderr
   assert _owned_files(killed) == []
   leftover = [name for d in leftovers.shared_memory_dirs() for name in os.listdir(d)
