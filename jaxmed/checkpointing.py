@@ -113,7 +113,7 @@ class Checkpointer:
   training=True (train_and_evaluate): every save records the data stream and a restore refuses
   a different one (unless config.checkpoint.allow_changed_data_stream); saves follow
   checkpoint.every_steps and train.steps; on a single process, SIGTERM requests a preemption
-  save (close() puts the previous handler back).
+  save (close() puts the previous handler back once the last save has committed).
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, training: bool = False):
@@ -230,8 +230,10 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the last (asynchronous) save to commit, then puts the SIGTERM handler back:
+    a SIGTERM while the final save is written must not kill it."""
+    self._manager.wait_until_finished()
+    self._manager.close()
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
       self._previous_handler = None
-    self._manager.wait_until_finished()
-    self._manager.close()

@@ -195,7 +195,7 @@ class TrainLoop:
   def _end_of_step(self) -> None:
     step, train = self.step, self._train
     if train.sigterm_at_step == step and not train.sigterm_during_eval:  # Test hook.
-      signal.raise_signal(signal.SIGTERM)
+      _send_sigterm(train)
     if step % train.log_every_steps == 0 or step == train.steps:
       self._log()
     if step == train.steps or (train.eval_every_steps and step % train.eval_every_steps == 0):
@@ -241,7 +241,7 @@ class TrainLoop:
     step, train = self.step, self._train
     eval_fn = self.eval_fn
     if train.sigterm_at_step == step and train.sigterm_during_eval:  # Test hook.
-      eval_fn = _raises_sigterm_after_first_call(eval_fn)
+      eval_fn = _raises_sigterm_after_first_call(eval_fn, train)
     self.val_metrics = evaluate_split(eval_fn, self.state, self.config,
                                       self.config.data.val_subsets, self.batch_sharding)
     self.writer.write(step, 'val', self.val_metrics)
@@ -251,14 +251,23 @@ class TrainLoop:
     self.progress.start(step)  # Evaluation time is not training time.
 
 
-def _raises_sigterm_after_first_call(fn: Callable) -> Callable:
+def _send_sigterm(train) -> None:
+  """Test hook: SIGTERM to this process, or to its whole process group (as SLURM and Kubernetes
+  send it: Grain workers included) when train.sigterm_to_group."""
+  if train.sigterm_to_group:
+    os.killpg(os.getpgrp(), signal.SIGTERM)
+  else:
+    signal.raise_signal(signal.SIGTERM)
+
+
+def _raises_sigterm_after_first_call(fn: Callable, train) -> Callable:
   calls = []
 
   def wrapped(*args):
     out = fn(*args)
     if not calls:
       calls.append(True)
-      signal.raise_signal(signal.SIGTERM)
+      _send_sigterm(train)
     return out
   return wrapped
 
