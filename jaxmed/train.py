@@ -322,9 +322,11 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str) -> Iterator[T
     # ---- the steps, and the loop (it compiles the train step ahead of time on its first batch)
     writer = to_close.enter_context(contextlib.closing(
         reporting.MetricWriter(workdir, enabled=is_main)))
-    train_iter = to_close.enter_context(contextlib.closing(
-        loader.make_train_iterator(config, batch_sharding, start_step)))
-    yield TrainLoop(config, workdir, make_train_step(graphdef, state_shardings, config),
+    step_fn = make_train_step(graphdef, state_shardings, config)
+    train_iter = to_close.enter_context(contextlib.closing(loader.make_train_iterator(
+        config, batch_sharding, start_step, _device_cache_reserve(config, step_fn, state, mesh,
+                                                                  batch_sharding))))
+    yield TrainLoop(config, workdir, step_fn,
                     make_eval_step(graphdef, state_shardings, mesh, config), train_iter,
                     batch_sharding, checkpointer, writer, state, start_step)
 
@@ -359,6 +361,19 @@ def evaluate_split(eval_fn, state, config, subsets, batch_sharding) -> dict[str,
   scores = predict(eval_fn, state, config, subsets, batch_sharding, skip_excluded=True)
   return {**classification_metrics(scores['label'], scores['probability']),
           'auc_population': AUC_POPULATION}
+
+
+def _device_cache_reserve(config, step_fn, state, mesh, batch_sharding) -> int:
+  """Bytes per device the compiled train step's temporaries take, that a device crops cache
+  must leave free (0 without one, or where the backend does not report it)."""
+  if config.data.get('cache', 'none') != 'device':
+    return 0
+  compiled = step_fn.lower(jax.tree.leaves(state), new_loop_stats(mesh, 0),
+                           loader.abstract_train_batch(config, batch_sharding)).compile()
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # Not every backend reports it.
+    return 0
 
 
 def _memory_summary(compiled) -> str:

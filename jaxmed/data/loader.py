@@ -218,8 +218,19 @@ class BatchIterator(GlobalBatches):
         self._ring.close()
 
 
+def abstract_train_batch(config, batch_sharding: jax.sharding.Sharding) -> dict:
+  """The shapes, dtypes and shardings of a make_train_iterator batch (jax.ShapeDtypeStruct),
+  to compile the train step before any batch exists."""
+  size, crop_shape = config.train.global_batch_size, CropsSource(config.data.crops_file).crop_shape
+  shapes = {'crops': ((size,) + tuple(crop_shape), np.int16), 'label': ((size,), np.int32),
+            'index': ((size,), np.int32), 'row': ((size,), np.int32)}
+  return {name: jax.ShapeDtypeStruct(shape, dtype,
+                                     sharding=batch_axis_sharding(batch_sharding, len(shape)))
+          for name, (shape, dtype) in shapes.items()}
+
+
 def make_train_iterator(config, batch_sharding: jax.sharding.Sharding,
-                        start_step: int = 0):
+                        start_step: int = 0, reserved_bytes: int = 0):
   """Global training batches for steps start_step, start_step + 1, ... (never ends; close it).
 
   Each batch: 'crops' int16 (B, S, S, S) HU, 'label' int32 (B,), 'index' int32 (B,) = the global
@@ -227,14 +238,16 @@ def make_train_iterator(config, batch_sharding: jax.sharding.Sharding,
   B = config.train.global_batch_size, sharded over its first axis by `batch_sharding`.
   Starting at start_step is O(1): the step range is sliced, nothing is replayed.
   config.data.cache picks where crops come from: 'none' (the file, through Grain), 'host' (a
-  shared-memory copy, through Grain) or 'device' (gathered on the devices); same batches.
+  shared-memory copy, through Grain) or 'device' (gathered on the devices, refused unless
+  `reserved_bytes` per device stay free for the train step's temporaries); same batches.
   """
   mode = cache_lib.cache_mode(config)
   path = config.data.crops_file
   global_batch_size = config.train.global_batch_size
   positions = process_batch_rows(batch_sharding, global_batch_size)
   if mode == 'device':
-    return cache_lib.device_train_iterator(config, batch_sharding, start_step, positions)
+    return cache_lib.device_train_iterator(config, batch_sharding, start_step, positions,
+                                           reserved_bytes)
   positive_rows, negative_rows = split_by_label(
       path, split_rows(path, config.data.train_subsets, skip_excluded=True))
   source = (cache_lib.host_crops(config, np.union1d(positive_rows, negative_rows))
