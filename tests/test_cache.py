@@ -153,6 +153,11 @@ def test_workers_hand_over_crops_through_the_ring(config):
     got_train, got_eval = batches(config, sharding, mode, workers)
     assert_same(got_train, train)
     assert_same(got_eval, evaluation)
+  # An evaluation pass's ring holds no more batches than the pass has (2 here, not 15 slots).
+  config = config.copy_and_resolve_references()
+  config.data.workers = 2
+  with loader.make_eval_iterator(config, EVAL_SUBSETS, sharding) as evaluation:
+    assert evaluation._ring.num_slots == len(evaluation) == 2
 
 
 def test_ring_refuses_a_lapped_slot(tmp_path):

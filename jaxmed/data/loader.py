@@ -155,15 +155,19 @@ def _prefetched(dataset: grain.MapDataset, workers: int, prefetch: int) -> grain
       worker_init_fn=leftovers.exit_with_parent)
 
 
-def _ring_for(loader, config, batch_rows: int) -> BatchRing | None:
-  """The shared-memory ring workers read crops into (None when reading in this process)."""
+def _ring_for(loader, config, batch_rows: int,
+              num_batches: int | None = None) -> BatchRing | None:
+  """The shared-memory ring workers read crops into (None when reading in this process); no
+  more slots than a pass of `num_batches` batches can fill."""
   workers, prefetch = config.data.workers, config.data.prefetch
   if workers < 0 or prefetch < 0:
     raise ValueError(f'config.data.workers ({workers}) and prefetch ({prefetch}) must be >= 0')
   if workers == 0:
     return None
-  loader.ring = BatchRing(slots_needed(workers, max(1, prefetch)),
-                          (batch_rows,) + loader.source.crop_shape)
+  slots = slots_needed(workers, max(1, prefetch))
+  if num_batches is not None:  # Batch n goes to slot n % slots: n < num_batches never laps.
+    slots = max(1, min(slots, num_batches))
+  loader.ring = BatchRing(slots, (batch_rows,) + loader.source.crop_shape)
   return loader.ring
 
 
@@ -280,7 +284,7 @@ def make_eval_iterator(config, subsets: Iterable[int], batch_sharding: jax.shard
   num_batches = -(-len(rows) // eval_batch_size)
   source = cache_lib.host_crops(config, rows) if mode == 'host' else CropsSource(path)
   loader = _EvalBatchLoader(source, rows, eval_batch_size, positions)
-  ring = _ring_for(loader, config, len(positions))
+  ring = _ring_for(loader, config, len(positions), num_batches)
   batches = grain.MapDataset.range(num_batches).map(loader)
   return BatchIterator(_prefetched(batches, config.data.workers, config.data.prefetch),
                        batch_sharding, eval_batch_size, num_batches, ring=ring)
