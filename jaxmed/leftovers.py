@@ -10,8 +10,8 @@ multiprocessing resource tracker's pipe open, keep running with parent pid 1. So
     creates such a file, and a worker calls it when it finds its parent gone;
   - `exit_with_parent` (a worker initialiser) ends a worker within a second of its parent's
     death; once the workers are gone the resource tracker sees its pipe close and exits too.
-Workers ignore SIGTERM: a scheduler sends it to the whole process group, and the parent, which
-saves a checkpoint first, stops them itself (Grain asks them to stop, then SIGKILLs them).
+Grain workers ignore SIGTERM: a scheduler sends it to the whole process group, and the parent,
+which saves a checkpoint first, stops them itself (Grain asks them to stop, then SIGKILLs them).
 """
 
 from __future__ import annotations
@@ -104,16 +104,20 @@ def shared_memory_dirs() -> tuple[str, ...]:
   return tuple(d for d in ('/dev/shm', tempfile.gettempdir()) if os.path.isdir(d))
 
 
-def exit_with_parent(worker_index: int = 0, worker_count: int = 1) -> None:
+def exit_with_parent(worker_index: int = 0, worker_count: int = 1,
+                     ignore_sigterm: bool = True) -> None:
   """Worker initialiser (Grain's worker_init_fn, a process pool's initializer): this process
-  ignores SIGTERM and exits within about a second once its parent process is gone, after
-  sweeping the shared-memory files of dead owners (its parent's among them).
+  exits within about a second once its parent process is gone, after sweeping the
+  shared-memory files of dead owners (its parent's among them). With `ignore_sigterm` it leaves
+  SIGTERM to its parent (Grain stops its workers with an event, then SIGKILL; a process pool
+  terminates a broken pool's workers with SIGTERM, so its workers keep the default).
 
   A watchdog on the parent pid rather than the kernel's parent-death signal: Grain starts its
   workers from a thread pool, and PR_SET_PDEATHSIG fires when that THREAD ends.
   """
   del worker_index, worker_count
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  if ignore_sigterm:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
   # The pid the parent passed down, not getppid(): the parent may have died while this process
   # was still starting (then getppid() is already 1, or a subreaper's).
   spawned_by = multiprocessing.parent_process()

@@ -76,7 +76,9 @@ def init_worker() -> None:
 
 def _init_pool_worker() -> None:
   init_worker()
-  leftovers.exit_with_parent()  # A kill -9 of the parent leaves no worker running.
+  # A kill -9 of the parent leaves no worker running. SIGTERM keeps its default: the pool
+  # terminates the workers of a broken pool with it.
+  leftovers.exit_with_parent(ignore_sigterm=False)
 
 
 def process_scan(task: dict) -> dict:
