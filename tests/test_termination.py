@@ -43,3 +43,26 @@ def test_a_terminated_mode_exits_143_in_one_line_leaving_no_file(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith(
       'jaxmed: error: stopped by SIGTERM during --mode=predict; nothing was written half-done')
   assert list(tmp_path.iterdir()) == []  # Neither the output nor its temporary.
+
+
+def test_the_training_sigterm_handler_stays_until_the_last_save_has_committed(tiny_config,
+                                                                              tmp_path):
+  import jax.numpy as jnp
+  from jaxmed import checkpointing
+  before = signal.getsignal(signal.SIGTERM)
+  checkpointer = checkpointing.Checkpointer(str(tmp_path), tiny_config(), training=True)
+  ours = signal.getsignal(signal.SIGTERM)
+  assert ours != before
+  checkpointer.save(1, {'w': jnp.ones((256, 256))})  # Asynchronous: returns while it writes.
+  handlers_while_waiting = []
+  wait = checkpointer._manager.wait_until_finished
+
+  def recording_wait():
+    handlers_while_waiting.append(signal.getsignal(signal.SIGTERM))
+    wait()
+  checkpointer._manager.wait_until_finished = recording_wait
+  checkpointer.close()
+  # While close() waited for the save, a second SIGTERM still only set the flag.
+  assert handlers_while_waiting and all(h == ours for h in handlers_while_waiting)
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert checkpointer.latest_step() == 1
