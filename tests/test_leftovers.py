@@ -118,6 +118,15 @@ def _owned_files(pids) -> list[str]:
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 
 
+def _ring_written(pid: int) -> bool:
+  import numpy as np
+  for path in _owned_files([pid]):
+    if os.path.basename(path).startswith('jaxmed-batches-') and os.path.getsize(path) >= 8:
+      if int(np.fromfile(path, np.int64, count=1)[0]) >= 0:
+        return True
+  return False
+
+
 def _args(tiny_dataset, workers, steps):
   overrides = {**TINY, **tiny_dataset, 'data.cache': 'host', 'data.workers': workers,
                'train.steps': steps, 'checkpoint.every_steps': 1000, 'model.name': 'cnn3d'}
@@ -139,12 +148,12 @@ def test_kill_9_of_the_main_process_leaves_no_process_and_no_shared_memory(tiny_
         [sys.executable, '-m', 'jaxmed.main', f'--workdir={workdir}',
          *_args(tiny_dataset, workers, 100000)], cwd=REPO, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # Killed once it trains: its workers read, its ring and crops cache are in shared memory.
-    metrics = workdir / 'metrics.jsonl'
+    # Killed once its workers have read a batch into the ring (the crops cache is in shared
+    # memory too): the batch ring's first slot header holds a batch number >= 0.
     deadline = time.time() + 300
-    while not (metrics.exists() and metrics.read_text().count('\n') >= 1):
+    while not _ring_written(proc.pid):
       assert proc.poll() is None, proc.stderr.read()[-3000:]
-      assert time.time() < deadline, 'the run never logged a step'
+      assert time.time() < deadline, 'the workers never wrote a batch'
       time.sleep(0.05)
     assert len(_group_alive(proc.pid)) >= 1 + workers
     assert len(_owned_files([proc.pid])) == 2
