@@ -142,6 +142,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.nan_at_step = -1  # Test hook: make the loss NaN at this step (-1 = off).
   train.sigterm_at_step = -1  # Test hook: SIGTERM to this process at this step (-1 = off)...
   train.sigterm_during_eval = False  # ...or during that step's evaluation, after its 1st batch.
+  train.sigterm_to_group = False  # ...sent to the whole process group (as schedulers send it).
 
   # ---- checkpoints ------------------------------------------------------------------------
   config.checkpoint = checkpoint = ml_collections.ConfigDict()

@@ -29,14 +29,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
+import time
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxmed import files
 from jaxmed.data import crops_file
 from jaxmed.errors import UserError
 
@@ -110,13 +114,66 @@ def differing_data_stream(saved: dict, current: dict) -> list[str]:
           for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
 
 
+_RECORD_BYTES = 2048  # One process's view of the checkpoint folder, as JSON.
+
+
+def _steps_on_disk(directory: str) -> list[int]:
+  """Complete checkpoint steps in `directory` (Orbax renames a step's folder to its number
+  only once it is written), without Orbax: read before every process agrees to open it."""
+  try:
+    return sorted(int(n) for n in os.listdir(directory)
+                  if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  except FileNotFoundError:
+    return []
+
+
+def check_every_process_sees_the_same(workdir: str, directory: str) -> None:
+  """Every process's view of the checkpoint folder (the steps it holds, and a token process 0
+  wrote into the workdir just now) compared across processes; CheckpointError naming the hosts
+  if they differ. Without it, processes that see different folders (a workdir on local disks, not
+  on shared storage) decide differently whether to restore, and hang in different collectives."""
+  from jax.experimental import multihost_utils
+  token_path = os.path.join(workdir, '.jaxmed-process-check')
+  token = ''
+  if jax.process_index() == 0:
+    token = f'{socket.gethostname()}:{os.getpid()}:{time.time_ns()}'
+    with files.atomic_write(token_path) as f:
+      f.write(token)
+  multihost_utils.sync_global_devices('jaxmed: workdir token written')
+  try:
+    with open(token_path) as f:
+      seen_token = f.read()
+  except OSError:
+    seen_token = ''
+  steps = _steps_on_disk(directory)
+  record = {'host': socket.gethostname(), 'directory': directory, 'token': seen_token,
+            'steps': steps[-20:], 'count': len(steps)}
+  encoded = json.dumps(record).encode()[:_RECORD_BYTES]
+  buffer = np.zeros(_RECORD_BYTES, np.uint8)
+  buffer[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(buffer)).reshape(-1, _RECORD_BYTES)
+  records = [json.loads(bytes(row).rstrip(b'\0')) for row in gathered]
+  first = records[0]
+  if all(r['token'] == first['token'] and r['steps'] == first['steps']
+         and r['count'] == first['count'] for r in records):
+    return
+  shown = lambda r: ', '.join(map(str, r['steps'])) if r['steps'] else 'no step'
+  views = '; '.join(
+      f"process {i} on host {r['host']} sees {shown(r)} in {r['directory']}"
+      + ('' if r['token'] == first['token'] else ' (not the workdir process 0 writes to)')
+      for i, r in enumerate(records))
+  raise CheckpointError(
+      f'the processes see different checkpoint folders: {views}; give every process the same '
+      '--workdir on storage they all share (see launch/README.md)')
+
+
 class Checkpointer:
   """Asynchronous, atomic checkpoints of the train state in `workdir/checkpoints/`.
 
   training=True (train_and_evaluate): every save records the data stream and a restore refuses
   a different one (unless config.checkpoint.allow_changed_data_stream); saves follow
   checkpoint.every_steps and train.steps; on a single process, SIGTERM requests a preemption
-  save (close() puts the previous handler back).
+  save (close() puts the previous handler back once the last save has committed).
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, training: bool = False):
@@ -130,6 +187,8 @@ class Checkpointer:
         and threading.current_thread() is threading.main_thread()):
       # Multi-process: XLA's preemption notifier owns SIGTERM; replacing it would blind Orbax.
       self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    if jax.process_count() > 1:  # Before Orbax: processes that disagree would call different
+      check_every_process_sees_the_same(workdir, self.directory)  # collectives and hang.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.checkpoint.keep,
         enable_async_checkpointing=config.checkpoint.async_save,
@@ -251,8 +310,10 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the last (asynchronous) save to commit, then puts the SIGTERM handler back:
+    a SIGTERM while the final save is written must not kill it."""
+    self._manager.wait_until_finished()
+    self._manager.close()
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
       self._previous_handler = None
-    self._manager.wait_until_finished()
-    self._manager.close()

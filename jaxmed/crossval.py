@@ -3,7 +3,8 @@
 Fold k trains on the other subsets except k-1 (which validates during training), then scores
 subset k. The ten predictions.csv files are merged and scored as one FROC over all scans, the
 number LUNA16 papers report. Folds already finished (their predictions.csv exists) are skipped,
-so an interrupted cross-validation resumes.
+so an interrupted cross-validation resumes; a SIGTERM during a fold's training saves that fold's
+step and stops (exit 0) without scoring the half-trained fold.
 
   python -m jaxmed.main --config=configs/luna16.py --mode=crossval
   python -m jaxmed.main --config=configs/default.py --mode=crossval --config.eval.crossval_folds=(8,9)
@@ -63,7 +64,11 @@ def run_crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     if not os.path.exists(csv_path):
       logging.info('cross-validation fold %d of %s: training', fold, folds)
       cfg = fold_config(config, fold)
-      train.train_and_evaluate(cfg, fold_dir)
+      trained = train.train_and_evaluate(cfg, fold_dir)
+      if trained['step'] < cfg.train.steps:  # Stopped by SIGTERM, its step saved: resume later.
+        logging.warning('cross-validation stopped in fold %d at step %d (saved); run the same '
+                        'command to resume', fold, trained['step'])
+        return {'stopped_in_fold': fold, 'step': trained['step']}
       evaluate.evaluate(cfg, fold_dir)
     else:
       logging.info('cross-validation fold %d: %s exists, skipping', fold, csv_path)

@@ -1,7 +1,7 @@
 """The one base class for errors a user can cause and fix (bad path, schema, mesh, NaN loss).
 
-`python -m jaxmed.main` prints such an error as a single line and exits with status 1; any other
-exception is a bug and keeps its traceback.
+`python -m jaxmed.main` prints such an error as a single line and exits with status 1 (or the
+error's `exit_status`); any other exception is a bug and keeps its traceback.
 """
 
 import contextlib
@@ -26,4 +26,4 @@ def exit_with_one_line() -> Iterator[None]:
     from absl import logging
     logging.flush()  # Log lines first, so the error is the last line a user sees.
     print(f'jaxmed: error: {e}', file=sys.stderr)
-    sys.exit(1)
+    sys.exit(getattr(e, 'exit_status', 1))

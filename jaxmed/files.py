@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from typing import IO, Iterator
+
+from jaxmed import leftovers
 
 
 @contextlib.contextmanager
@@ -17,8 +18,8 @@ def atomic_write(path: str | os.PathLike, mode: str = 'w', **open_kwargs) -> Ite
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
+  # Named by this process: one a kill -9 left behind is swept by the next write of `path`.
+  fd, tmp = leftovers.mkstemp('.' + os.path.basename(path) + '.', directory, '.tmp')
   try:
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f

@@ -4,6 +4,7 @@
                         [--mode=train|eval|crossval|predict|preprocess|synthesize]
 """
 
+import contextlib
 import logging as logging_std
 import os
 
@@ -13,6 +14,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from jaxmed import cli
+from jaxmed import termination
 from jaxmed.errors import ConfigError, exit_with_one_line
 
 # No default here: absl would load it at import, before a mistake can become one line.
@@ -50,8 +52,12 @@ def main(argv):
                       os.path.expanduser(config.compilation_cache_dir))
   from jaxmed.parallel import distributed
   # Errors a user can fix end in one line naming the cause and the fix, not a traceback.
-  with exit_with_one_line():
+  with exit_with_one_line(), contextlib.ExitStack() as stack:
     distributed.initialize(config)
+    # SIGTERM ends every mode cleanly (jaxmed/termination.py); a training loop saves first.
+    # Not where XLA's preemption notifier must see it: training across processes.
+    if _MODE.value not in ('train', 'crossval') or jax.process_count() == 1:
+      stack.enter_context(termination.sigterm_raises(_MODE.value))
     if _MODE.value == 'synthesize':
       from jaxmed.scans import synthetic
       synthetic.synthesize(config)

@@ -52,7 +52,7 @@ def read_candidates(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise DataError(f'candidates CSV {path} does not exist; set --config.predict.candidates_csv '
                     'to a CSV with columns seriesuid,coordX,coordY,coordZ')
-  with open(path, newline='') as f:
+  with open(path, newline='', encoding='utf-8-sig') as f:
     header = [name.strip() for name in next(csv.reader(f), [])]
   columns = COLUMNS + (('class',) if 'class' in header else ())
   candidates = luna16.read_csv(path, columns)

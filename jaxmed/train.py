@@ -199,7 +199,7 @@ class TrainLoop:
   def _end_of_step(self) -> None:
     step, train = self.step, self._train
     if train.sigterm_at_step == step and not train.sigterm_during_eval:  # Test hook.
-      signal.raise_signal(signal.SIGTERM)
+      _send_sigterm(train)
     if step % train.log_every_steps == 0 or step == train.steps:
       self._log()
     if step == train.steps or (train.eval_every_steps and step % train.eval_every_steps == 0):
@@ -251,7 +251,7 @@ class TrainLoop:
     step, train = self.step, self._train
     eval_fn = self.eval_fn
     if train.sigterm_at_step == step and train.sigterm_during_eval:  # Test hook.
-      eval_fn = _raises_sigterm_after_first_call(eval_fn)
+      eval_fn = _raises_sigterm_after_first_call(eval_fn, train)
     self.val_metrics = evaluate_split(eval_fn, self.state, self.config,
                                       self.config.data.val_subsets, self.batch_sharding)
     self.writer.write(step, 'val', self.val_metrics)
@@ -261,14 +261,23 @@ class TrainLoop:
     self.progress.start(step)  # Evaluation time is not training time.
 
 
-def _raises_sigterm_after_first_call(fn: Callable) -> Callable:
+def _send_sigterm(train) -> None:
+  """Test hook: SIGTERM to this process, or to its whole process group (as SLURM and Kubernetes
+  send it: Grain workers included) when train.sigterm_to_group."""
+  if train.sigterm_to_group:
+    os.killpg(os.getpgrp(), signal.SIGTERM)
+  else:
+    signal.raise_signal(signal.SIGTERM)
+
+
+def _raises_sigterm_after_first_call(fn: Callable, train) -> Callable:
   calls = []
 
   def wrapped(*args):
     out = fn(*args)
     if not calls:
       calls.append(True)
-      signal.raise_signal(signal.SIGTERM)
+      _send_sigterm(train)
     return out
   return wrapped
 
@@ -323,9 +332,11 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str) -> Iterator[T
     # ---- the steps, and the loop (it compiles the train step ahead of time on its first batch)
     writer = to_close.enter_context(contextlib.closing(
         reporting.MetricWriter(workdir, enabled=is_main)))
-    train_iter = to_close.enter_context(contextlib.closing(
-        loader.make_train_iterator(config, batch_sharding, start_step)))
-    yield TrainLoop(config, workdir, make_train_step(graphdef, state_shardings, config),
+    step_fn = make_train_step(graphdef, state_shardings, config)
+    train_iter = to_close.enter_context(contextlib.closing(loader.make_train_iterator(
+        config, batch_sharding, start_step, _device_cache_reserve(config, step_fn, state, mesh,
+                                                                  batch_sharding))))
+    yield TrainLoop(config, workdir, step_fn,
                     make_eval_step(graphdef, state_shardings, mesh, config), train_iter,
                     batch_sharding, checkpointer, writer, state, start_step)
 
@@ -360,6 +371,19 @@ def evaluate_split(eval_fn, state, config, subsets, batch_sharding) -> dict[str,
   scores = predict(eval_fn, state, config, subsets, batch_sharding, skip_excluded=True)
   return {**classification_metrics(scores['label'], scores['probability']),
           'auc_population': AUC_POPULATION}
+
+
+def _device_cache_reserve(config, step_fn, state, mesh, batch_sharding) -> int:
+  """Bytes per device the compiled train step's temporaries take, that a device crops cache
+  must leave free (0 without one, or where the backend does not report it)."""
+  if config.data.get('cache', 'none') != 'device':
+    return 0
+  compiled = step_fn.lower(jax.tree.leaves(state), new_loop_stats(mesh, 0),
+                           loader.abstract_train_batch(config, batch_sharding)).compile()
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # Not every backend reports it.
+    return 0
 
 
 def _memory_summary(compiled) -> str:

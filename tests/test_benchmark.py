@@ -1,6 +1,7 @@
 """python -m jaxmed.benchmark: the FLOP count, every --what at tiny size, the collective bytes."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -177,18 +178,31 @@ def test_summary_collects_the_runs(tmp_path):
           'stored_crop_size': 40, 'global_batch_size': 256, 'device_kind': 'H100',
           'samples_per_s': 20000.0, 'model_tflops_per_s': 60.0, 'mfu': 0.08,
           'jax': '0.11.2'}  # a step result names the JAX version under 'jax', as the real one does
-  compare = dict(step, what='compare', jax=step, torch_samples_per_s=19000.0,
-                 jax_over_torch=20000 / 19000)
-  e2e = dict(step, what='e2e', step=step, e2e_samples_per_s=9000.0, fraction_of_step=0.45)
+  # Each run its own figures, so a number landing in another run's row is caught.
+  compare_step = dict(step, samples_per_s=21000.0, model_tflops_per_s=63.0, mfu=0.084)
+  compare = dict(compare_step, what='compare', jax=compare_step, torch_samples_per_s=19000.0,
+                 jax_over_torch=21000 / 19000)
+  e2e_step = dict(step, samples_per_s=22000.0, model_tflops_per_s=66.0, mfu=0.088)
+  e2e = dict(e2e_step, what='e2e', step=e2e_step, e2e_samples_per_s=9000.0,
+             fraction_of_step=9000 / 22000)
   for name, r in (('a', step), ('b', compare), ('c', e2e)):
     os.makedirs(tmp_path / name)
     with open(tmp_path / name / f"benchmark_{r['what']}.json", 'w') as f:
       json.dump(r, f)
   text, readme = tables.summarize(str(tmp_path))
-  assert '20,000' in text and '19,000' in text and '1.05' in text
-  assert '9,000' in text and '45%' in text and len(text.splitlines()) == 4
-  assert len(readme) == 1 and 'H100' in readme[0]
-  assert np.isfinite(step['mfu'])
+  header, *lines = text.splitlines()
+  columns = [c for c in re.split(r'\s{2,}', header.strip())]
+  rows = {cells[0]: dict(zip(columns, cells)) for cells in
+          (re.split(r'\s{2,}', line.strip()) for line in lines)}
+  assert sorted(rows) == ['a', 'b', 'c']
+  assert [rows[r]['JAX samples/s'] for r in 'abc'] == ['20,000', '21,000', '22,000']
+  assert [rows[r]['MFU'] for r in 'abc'] == ['8.0%', '8.4%', '8.8%']
+  assert [rows[r]['PyTorch samples/s'] for r in 'abc'] == ['-', '19,000', '-']
+  assert [rows[r]['JAX/PT'] for r in 'abc'] == ['-', '1.11', '-']
+  assert [rows[r]['e2e samples/s'] for r in 'abc'] == ['-', '-', '9,000']
+  assert [rows[r]['e2e/step'] for r in 'abc'] == ['-', '-', '41%']
+  assert len(readme) == 1 and 'H100' in readme[0] and '21,000 samples/s' in readme[0]
+  assert '19,000 samples/s | 1.11' in readme[0]
 
 
 @pytest.mark.parametrize('depth,size,stem_pool', [(18, 16, True), (10, 13, False)])

@@ -109,6 +109,42 @@ def test_device_cache_refuses_what_does_not_fit(config):
   assert 'data.cache_max_bytes_per_device' in message and 'cache=host' in message
 
 
+def test_device_cache_leaves_room_for_the_train_steps_temporaries(config):
+  config = config.copy_and_resolve_references()
+  config.data.cache = 'device'
+  config.data.train_subsets = (0, 2)  # Not a kept cache.
+  sharding = batch_sharding('data8')
+  rows = loader.split_rows(config.data.crops_file, (0, 2), skip_excluded=True)
+  per_device = -(-len(rows) // 8) * 8**3 * 2
+  config.data.cache_max_bytes_per_device = per_device  # The cache alone fits exactly...
+  with pytest.raises(cache.CacheError) as error:  # ...but not beside 1 MiB of temporaries.
+    loader.make_train_iterator(config, sharding, 0, reserved_bytes=2**20)
+  message = str(error.value)
+  assert '\n' not in message
+  assert 'beside the 1.0 MiB of temporaries the compiled train step needs' in message
+  with loader.make_train_iterator(config, sharding, 0, reserved_bytes=0) as train:
+    next(train)
+
+
+def test_device_cache_refuses_rows_it_does_not_hold_and_moves_crops_as_bytes(config):
+  config = config.copy_and_resolve_references()
+  config.data.cache = 'device'
+  sharding = batch_sharding('data2_model4')
+  rows = loader.split_rows(config.data.crops_file, EVAL_SUBSETS, skip_excluded=False)
+  crops = cache.device_crops(config, rows, sharding)
+  not_cached = int(np.setdiff1d(np.arange(rows.max()), rows)[0])
+  with pytest.raises(IndexError, match='not in the device crops cache'):
+    crops.positions(np.array([rows[0], not_cached]))
+  # The gather's collectives carry uint8 (int16 bytes, never widened to 32 bits).
+  positions = crops.positions(rows[:16])
+  gather = crops._make_gather(('data', 'fsdp'))
+  hlo = gather.lower(crops.table, jax.numpy.asarray(positions)).compile().as_text()
+  reductions = [line for line in hlo.splitlines() if ' all-reduce(' in line
+                or ' reduce-scatter(' in line]
+  assert reductions and all('u8[' in line and 's16[' not in line and 's32[' not in line
+                            for line in reductions), reductions
+
+
 @pytest.mark.slow  # Starts worker processes.
 def test_workers_hand_over_crops_through_the_ring(config):
   sharding = batch_sharding('data2_model4')
@@ -117,6 +153,11 @@ def test_workers_hand_over_crops_through_the_ring(config):
     got_train, got_eval = batches(config, sharding, mode, workers)
     assert_same(got_train, train)
     assert_same(got_eval, evaluation)
+  # An evaluation pass's ring holds no more batches than the pass has (2 here, not 15 slots).
+  config = config.copy_and_resolve_references()
+  config.data.workers = 2
+  with loader.make_eval_iterator(config, EVAL_SUBSETS, sharding) as evaluation:
+    assert evaluation._ring.num_slots == len(evaluation) == 2
 
 
 def test_ring_refuses_a_lapped_slot(tmp_path):

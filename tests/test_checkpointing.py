@@ -257,3 +257,50 @@ def test_a_checkpoint_without_logged_sums_resumes_from_zero_sums(tiny_config, tm
   assert (stats['step'], stats['count'], stats['loss']) == (4, 1, np.float32(0.5))
   stats = jax.device_get(train.new_loop_stats(mesh, 3, None))
   assert (stats['count'], stats['loss'], stats['grad_norm']) == (0, 0.0, 0.0)
+
+
+# ---- SIGTERM to the whole process group (as SLURM and Kubernetes send it), Grain workers on ---
+
+GROUP_RUN = {'train.steps': 6, 'checkpoint.every_steps': 2, 'train.eval_every_steps': 3,
+             'data.workers': 1, 'model.name': 'cnn3d'}
+FAST_COMPILE = {'XLA_FLAGS': '--xla_backend_optimization_level=0'}
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  # Rates (steps_per_s, examples_per_s) are wall-clock; everything else must be equal.
+  return {(r['split'], r['step']): {k: v for k, v in r.items() if not k.endswith('_per_s')}
+          for r in records}
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_stops_and_resumes_exactly(
+    tiny_dataset, tmp_path):
+  from test_leftovers import _group_alive
+  base = {**TINY, **tiny_dataset, **GROUP_RUN}
+  reference = str(tmp_path / 'reference')
+  run_main(['--config=configs/default.py', *cli_overrides(base)], reference,
+           env_extra=FAST_COMPILE)
+
+  workdir = str(tmp_path / 'interrupted')
+  env = {k: v for k, v in os.environ.items() if not k.startswith('JAXMED_')}
+  env.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', **FAST_COMPILE)
+  # A checkpoint step; during validation (after its first batch); a step between checkpoints.
+  for at_step, during_eval in ((2, False), (3, True), (5, False)):
+    hook = {'train.sigterm_at_step': at_step, 'train.sigterm_during_eval': during_eval,
+            'train.sigterm_to_group': True}
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'jaxmed.main', f'--workdir={workdir}', '--config=configs/default.py',
+         *cli_overrides({**base, **hook})], cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f'saved step {at_step}' in stderr, stderr[-3000:]
+    assert complete_steps(workdir)[-1] == at_step
+    deadline = time.time() + 5
+    while _group_alive(proc.pid) and time.time() < deadline:
+      time.sleep(0.1)
+    assert _group_alive(proc.pid) == []  # The workers ended with the run.
+  run_main(['--config=configs/default.py', *cli_overrides(base)], workdir, env_extra=FAST_COMPILE)
+  assert _records(workdir) == _records(reference)
+  assert complete_steps(workdir)[-1] == 6

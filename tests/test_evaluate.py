@@ -53,6 +53,23 @@ def test_eval_scores_every_test_candidate_and_writes_froc_metrics_and_plots(trai
   assert metrics['candidates'] == len(rows) and metrics['examples'] == len(rows) - excluded
   val = [r for r in records if r['split'] == 'val']
   assert val and {r['auc_population'] for r in val + test} == {'excluded negatives left out'}
+  # Each row is a candidate of the file (its seriesuid with its own centre, exactly), and its
+  # probability is that candidate's: the loss recomputed from the CSV's pairs, with the file's
+  # labels, is the reported one (rows paired with another candidate's score would change it).
+  with h5py.File(config.data.crops_file, 'r') as f:
+    uids = np.char.decode(f['seriesuid'][:].astype('S'), 'ascii')
+    truth = {(uids[i], *map(float, f['center_world'][i])): (int(f['label'][i]),
+                                                             bool(f['exclude'][i]))
+             for i in np.flatnonzero(in_test)}
+  paired = [truth[(r['seriesuid'], float(r['coordX']), float(r['coordY']), float(r['coordZ']))]
+            + (float(r['probability']),) for r in rows]
+  assert len(set((r['seriesuid'], r['coordX'], r['coordY'], r['coordZ']) for r in rows)) == len(
+      truth)
+  kept = [(label, p) for label, exclude, p in paired if not exclude]
+  recomputed = train.classification_metrics(np.array([k[0] for k in kept]),
+                                            np.array([k[1] for k in kept]))
+  for name in ('loss', 'auc', 'accuracy'):
+    assert recomputed[name] == pytest.approx(metrics[name], abs=1e-6), name
   for name in PLOTS:
     assert os.path.getsize(os.path.join(workdir, name)) > 5_000, name
 

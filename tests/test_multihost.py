@@ -390,6 +390,31 @@ def test_a_host_without_the_crops_file_is_named(tiny_dataset, tmp_path):
     assert 'crops: ' in (tmp_path / 'logs' / f'process_{i}.log').read_text()
 
 
+def test_processes_with_different_workdirs_stop_in_one_line_naming_the_hosts(tiny_dataset,
+                                                                             tmp_path):
+  import socket
+  # Each process its own workdir (as with a workdir on each host's local disk); process 0's
+  # holds a checkpoint step, process 1's none. Without the check they would decide differently
+  # whether to restore and hang in different collectives.
+  (tmp_path / 'run_0' / 'checkpoints' / '4').mkdir(parents=True)
+  base = str(tmp_path / 'run_')
+  args = _args(tiny_dataset, TWO['2x4'])
+  own_workdir = f'exec "$0" -m jaxmed.main --workdir={base}"$JAXMED_PROCESS_ID" "$@"'
+  cmd = ['bash', LAUNCHER, '-n', '2', '-d', '4', '-t', '150', '-g', '5', '-l',
+         str(tmp_path / 'logs'), '--', 'bash', '-c', own_workdir, sys.executable, *args]
+  proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=210)
+  assert proc.returncode == 1, proc.stderr[-3000:]  # Not a hang (the launcher's timeout: 124).
+  host = socket.gethostname()
+  line = (f'jaxmed: error: the processes see different checkpoint folders: process 0 on host '
+          f'{host} sees 4 in {base}0/checkpoints; process 1 on host {host} sees no step in '
+          f'{base}1/checkpoints (not the workdir process 0 writes to); give every process the '
+          'same --workdir on storage they all share (see launch/README.md)')
+  for i in range(2):
+    log = (tmp_path / 'logs' / f'process_{i}.log').read_text()
+    assert log.rstrip().splitlines()[-1] == line, log[-3000:]
+    assert 'compiled the train step' not in log
+
+
 # ---- SLURM: one task per node owns every GPU of the node ---------------------------------------
 
 def test_slurm_one_task_per_node_takes_every_visible_gpu(monkeypatch):

@@ -88,39 +88,6 @@ def take(iterator, n):
     return [jax.tree.map(np.asarray, next(iterator)) for _ in range(n)]
 
 
-def rows_for_process(global_batch_size, process_index, process_count, mesh_processes=None,
-                     batch_axes=(0,)):
-  """Positions in the global batch (int64, increasing) that process `process_index` holds.
-
-  Pure simulation of loader.process_batch_rows, for process counts a test cannot start. The
-  batch is split into equal shards over the mesh axes `batch_axes` (major first, as in
-  PartitionSpec(('data', 'fsdp'))); a process holds every shard one of its devices holds.
-  Processes that differ only along other axes (model, spatial) hold the same rows.
-
-  Args:
-    global_batch_size: B.
-    process_index, process_count: the process simulated, and how many there are.
-    mesh_processes: int array with the mesh's shape: the process of each device. None means
-      a 1-D data mesh with one device per process.
-    batch_axes: dimensions of `mesh_processes` that split the batch.
-  """
-  if mesh_processes is None:
-    mesh_processes, batch_axes = np.arange(process_count), (0,)
-  mesh_processes = np.asarray(mesh_processes)
-  if not 0 <= process_index < process_count or mesh_processes.max() >= process_count:
-    raise ValueError(f'process index {process_index} / mesh processes {mesh_processes.max()} '
-                     f'outside process count {process_count}')
-  batch_axes = tuple(batch_axes)
-  num_shards = int(np.prod([mesh_processes.shape[a] for a in batch_axes]))
-  loader._check_divisible(global_batch_size, num_shards, batch_axes)
-  other_axes = [a for a in range(mesh_processes.ndim) if a not in batch_axes]
-  by_shard = np.transpose(mesh_processes, batch_axes + tuple(other_axes)).reshape(num_shards, -1)
-  shard_size = global_batch_size // num_shards
-  shards = [s for s in range(num_shards) if np.any(by_shard[s] == process_index)]
-  return np.concatenate([np.arange(s * shard_size, (s + 1) * shard_size) for s in shards]
-                        ).astype(np.int64)
-
-
 def test_source_item_is_the_requested_row_and_survives_pickling(config):
   source = source_lib.CropsSource(config.data.crops_file)
   item = source[17]
@@ -179,31 +146,6 @@ def test_positive_stream_visits_each_positive_once_per_epoch(config):
     np.testing.assert_array_equal(np.sort(seen[LABEL[seen] == 1]), positive)
 
 
-def test_rows_for_process_split_a_data_parallel_batch(config):
-  for process_count in (1, 2, 4):
-    local = [rows_for_process(BATCH, p, process_count) for p in range(process_count)]
-    np.testing.assert_array_equal(np.concatenate(local), np.arange(BATCH))
-
-
-def test_processes_along_a_model_axis_hold_identical_rows(batch_sharding):
-  # Mesh (data 2, model 4) over 4 processes of 2 devices: a model axis spanning processes.
-  mesh_processes = np.array([[0, 0, 1, 1], [2, 2, 3, 3]])
-  local = [rows_for_process(BATCH, p, 4, mesh_processes, batch_axes=(0,))
-           for p in range(4)]
-  np.testing.assert_array_equal(local[0], local[1])
-  np.testing.assert_array_equal(local[2], local[3])
-  assert not set(local[0]) & set(local[2])
-  np.testing.assert_array_equal(np.concatenate([local[0], local[2]]), np.arange(BATCH))
-  # JAX's own device -> rows map for that mesh agrees with the simulation.
-  devices = np.array(jax.devices()).reshape(2, 4)
-  process_of = {d: mesh_processes[i] for i, d in np.ndenumerate(devices)}
-  sharding = NamedSharding(Mesh(devices, ('data', 'model')), PartitionSpec('data'))
-  for p in range(4):
-    jax_rows = sorted({r for d, index in sharding.devices_indices_map((BATCH,)).items()
-                       if process_of[d] == p for r in range(BATCH)[index[0]]})
-    np.testing.assert_array_equal(local[p], jax_rows)
-
-
 def test_process_batch_rows_follow_the_sharding(batch_sharding):
   np.testing.assert_array_equal(loader.process_batch_rows(batch_sharding, BATCH),
                                 np.arange(BATCH))  # One process holds all 8 devices.
@@ -211,17 +153,17 @@ def test_process_batch_rows_follow_the_sharding(batch_sharding):
     loader.process_batch_rows(batch_sharding, 12)
 
 
-def test_simulated_processes_assemble_the_same_global_batch(config):
+def test_per_process_loaders_assemble_the_same_global_batch(config):
   positive, negative = train_rows(config)
   source = source_lib.CropsSource(config.data.crops_file)
   whole = loader._TrainBatchLoader(source, 7, BATCH, np.arange(BATCH), positive, negative,
                                    POSITIVE_FRACTION)(4)
   np.testing.assert_array_equal(whole['row'], sampling.train_batch_rows(
       7, 4, BATCH, positive, negative, POSITIVE_FRACTION))
-  for process_count in (1, 2, 4):
+  for process_count in (1, 2, 4):  # Each process's loader reads its own positions alone.
     parts = [loader._TrainBatchLoader(
-        source, 7, BATCH, rows_for_process(BATCH, p, process_count), positive,
-        negative, POSITIVE_FRACTION)(4) for p in range(process_count)]
+        source, 7, BATCH, positions.astype(np.int64), positive, negative, POSITIVE_FRACTION)(4)
+             for positions in np.array_split(np.arange(BATCH), process_count)]
     for name in whole:
       np.testing.assert_array_equal(np.concatenate([part[name] for part in parts]), whole[name])
 

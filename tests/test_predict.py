@@ -223,6 +223,12 @@ def test_a_folder_with_several_dicom_series_is_refused(dataset, tmp_path):
     ('modality', r'has Modality MR .*not CT'),
     ('corrupt', r'0004.dcm, are unreadable as DICOM\); a missing slice'),
     ('tilt', r'slice 0001.dcm is shifted 0.3 mm sideways from slice 0000.dcm \(gantry tilt'),
+    ('localizer', r'slice 0007.dcm is a localizer \(scout\) image \(ImageType '
+                  r'ORIGINAL\\PRIMARY\\LOCALIZER\), not a slice of the volume; remove'),
+    ('hair', r'slices 00(09|10).dcm and 00(09|10).dcm lie at 0.001 mm apart \(the series spaces '
+             r'its slices .* mm\): the same slice twice; remove the duplicate slice'),
+    ('multiframe', r'series.dcm is an enhanced multi-frame CT file \(\d+ frames in one file\); '
+                   r'jaxmed reads classic series \(one slice per file\): convert it'),
 ])
 def test_a_damaged_dicom_series_is_refused(dataset, tmp_path, damage, match):
   root = dataset[1]
@@ -248,6 +254,34 @@ def test_a_damaged_dicom_series_is_refused(dataset, tmp_path, damage, match):
       image.SetMetaData('0020|0032', f'{x + dx:.4f}\\{y}\\{z + dz:.4f}')
       writer.SetFileName(slices[k])
       writer.Execute(image)
+  elif damage in ('localizer', 'hair'):
+    # localizer: a scout image among the slices; hair: slice 10 moved 0.001 mm from slice 9.
+    reader, writer = sitk.ImageFileReader(), sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    k = 7 if damage == 'localizer' else 10
+    reader.SetFileName(slices[k])
+    image = reader.Execute()
+    if damage == 'localizer':
+      image.SetMetaData('0008|0008', 'ORIGINAL\\PRIMARY\\LOCALIZER')
+    else:
+      reader.SetFileName(slices[9])
+      reader.ReadImageInformation()
+      x, y, z = (float(v) for v in reader.GetMetaData('0020|0032').split('\\'))
+      image.SetMetaData('0020|0032', f'{x}\\{y}\\{z + 0.001:.4f}')
+    writer.SetFileName(slices[k])
+    writer.Execute(image)
+  elif damage == 'multiframe':  # The whole volume in one enhanced CT file.
+    volume = sitk.Cast(luna16.read_scan(scan_formats.find_scans(str(root / 'raw'))[uid].path),
+                       sitk.sitkInt16)
+    shutil.rmtree(folder)
+    folder.mkdir()
+    for tag, value in (('0008|0060', 'CT'), ('0020|000e', uid),
+                       ('0008|0016', '1.2.840.10008.5.1.4.1.1.2.1')):
+      volume.SetMetaData(tag, value)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(folder / 'series.dcm'))
+    writer.Execute(volume)
   else:
     shutil.rmtree(folder)
     convert.write_dicom_series(luna16.read_scan(

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import weakref
 
 import numpy as np
+
+from jaxmed import leftovers
+from jaxmed.data import shared_memory
 
 _ALIGNMENT = 64  # Bytes; XLA:CPU aliases host arrays aligned like this instead of copying them.
 _HEADER = 64  # Bytes before each slot: the number of the batch it holds (int64; -1 = writing).
@@ -35,7 +37,8 @@ def slots_needed(workers: int, per_worker_buffer: int) -> int:
 
 
 class BatchRing:
-  """`num_slots` int16 slots of `slot_shape` in one file in shared memory (/dev/shm).
+  """`num_slots` int16 slots of `slot_shape` in one file in shared memory (/dev/shm), allocated
+  in full and named by its owner (a kill -9 leaves it for the next run's sweep to remove).
 
   Workers: `write(number)` gives the slot's array to fill, `written(number)` publishes it.
   Main process: `take(number)` copies the batch out (into a fresh 64-byte aligned array that JAX
@@ -48,15 +51,15 @@ class BatchRing:
     self.slot_shape = tuple(slot_shape)
     slot_bytes = math.prod(self.slot_shape) * 2
     self._stride = _HEADER + -(-slot_bytes // _ALIGNMENT) * _ALIGNMENT
+    nbytes = num_slots * self._stride
+    what = f'the batch ring ({num_slots} batches of {"x".join(map(str, self.slot_shape))} int16)'
     if directory is None:
-      from jaxmed.data.cache import shared_memory_dir
-      directory = shared_memory_dir(num_slots * self._stride)
-    fd, self.path = tempfile.mkstemp(prefix='jaxmed-batches-', dir=directory)
-    try:
-      os.ftruncate(fd, num_slots * self._stride)
-    finally:
+      self.path = shared_memory.create('jaxmed-batches-', nbytes, what)
+    else:
+      fd, self.path = leftovers.mkstemp('jaxmed-batches-', directory)
       os.close(fd)
-    self._remove = weakref.finalize(self, _remove_file, self.path)
+      shared_memory.allocate(self.path, nbytes, what)
+    self._remove = weakref.finalize(self, shared_memory.remove, self.path)
     self._mapped = None  # (pid, uint8 memmap of the whole file), per process.
     for slot in range(num_slots):
       self._number(slot)[0] = -1
@@ -106,10 +109,3 @@ class BatchRing:
     self._mapped = None
     if self._remove is not None:
       self._remove()
-
-
-def _remove_file(path: str) -> None:
-  try:
-    os.unlink(path)
-  except FileNotFoundError:
-    pass

@@ -10,7 +10,6 @@ import collections
 import hashlib
 import math
 import os
-import tempfile
 import weakref
 
 import jax
@@ -19,6 +18,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxmed import leftovers
+from jaxmed.data import shared_memory
 from jaxmed.data.batches import GlobalBatches, to_global
 from jaxmed.data.sampling import train_batch_rows
 from jaxmed.data.source import CropsSource, split_by_label, split_rows
@@ -76,8 +77,7 @@ def clear() -> None:
   _host_caches.clear()
 
 
-def _fmt_bytes(n: float) -> str:
-  return f'{n / 2**30:.2f} GiB' if n >= 2**30 else f'{n / 2**20:.1f} MiB'
+_fmt_bytes = shared_memory.fmt_bytes
 
 
 # ---- device: rows split over every device, batches gathered on the devices --------------------
@@ -112,7 +112,8 @@ class DeviceCrops:
   gather(positions) makes a batch of crops on the devices: no host I/O and no host copy.
   """
 
-  def __init__(self, source: CropsSource, rows: np.ndarray, mesh: Mesh, limit_bytes: int):
+  def __init__(self, source: CropsSource, rows: np.ndarray, mesh: Mesh, limit_bytes: int,
+               reserved_bytes: int = 0):
     self.rows = np.asarray(rows, np.int64)
     self.crop_shape = source.crop_shape
     self.mesh = mesh
@@ -127,14 +128,18 @@ class DeviceCrops:
       frees = np.asarray(multihost_utils.process_allgather(np.int64(-1 if free is None else free)))
       free = int(frees[frees >= 0].min()) if (frees >= 0).any() else None
     limit = limit_bytes if limit_bytes > 0 else free
-    if limit is not None and self.bytes_per_device > limit:
+    # The compiled step's temporaries are allocated at every step, after the cache: room for
+    # them is taken now, or the first step ends in a raw RESOURCE_EXHAUSTED.
+    if limit is not None and self.bytes_per_device + reserved_bytes > limit:
       room = (f'data.cache_max_bytes_per_device allows {_fmt_bytes(limit)}' if limit_bytes > 0
               else f'a device has {_fmt_bytes(limit)} free')
+      beside = (f' beside the {_fmt_bytes(reserved_bytes)} of temporaries the compiled train step '
+                'needs' if reserved_bytes else '')
       raise CacheError(
           f'the device crops cache needs {_fmt_bytes(self.bytes_per_device)} per device '
-          f'({len(self.rows)} crops of {self.crop_shape} int16 over {num_devices} devices) but '
-          f'{room}; use --config.data.cache=host (host RAM) or none (read from the file), or '
-          'more devices')
+          f'({len(self.rows)} crops of {self.crop_shape} int16 over {num_devices} devices)'
+          f'{beside} but {room}; use --config.data.cache=host (host RAM) or none (read from '
+          'the file), or more devices')
     shape = (self.rows_per_device * num_devices,) + self.crop_shape
     self.table = jax.make_array_from_callback(
         shape, NamedSharding(mesh, PartitionSpec(self._axes)),
@@ -158,7 +163,12 @@ class DeviceCrops:
     """int32 table positions of `file_rows` (each in the cache); -1 stays -1 (a zero crop)."""
     file_rows = np.asarray(file_rows, np.int64)
     found = np.searchsorted(self.rows, file_rows)
-    return np.where(file_rows < 0, -1, found).astype(np.int32)
+    wanted = file_rows >= 0
+    clipped = np.minimum(found, len(self.rows) - 1)
+    if np.any(wanted & ((found >= len(self.rows)) | (self.rows[clipped] != file_rows))):
+      missing = file_rows[wanted & ((found >= len(self.rows)) | (self.rows[clipped] != file_rows))]
+      raise IndexError(f'file rows {missing[:5].tolist()} are not in the device crops cache')
+    return np.where(wanted, found, -1).astype(np.int32)
 
   def gather(self, positions: np.ndarray, batch_sharding) -> jax.Array:
     """int16 (B, S, S, S) crops at table `positions` (int32 (B,), the same on every process;
@@ -183,9 +193,14 @@ class DeviceCrops:
       held = (local >= 0) & (local < rows_per_device)
       crops = jnp.take(table, jnp.clip(local, 0, rows_per_device - 1), axis=0)
       crops = jnp.where(held[:, None, None, None], crops, jnp.zeros((), crops.dtype))
+      # Summed as bytes: GPU collectives have no int16 sum and XLA would widen it to int32,
+      # doubling the bytes moved; one non-zero term per byte sums exactly in uint8.
+      crops = jax.lax.bitcast_convert_type(crops, jnp.uint8)  # (B, S, S, S, 2)
       if batch_axes:
         crops = jax.lax.psum_scatter(crops, batch_axes, scatter_dimension=0, tiled=True)
-      return jax.lax.psum(crops, other_axes) if other_axes else crops
+      if other_axes:
+        crops = jax.lax.psum(crops, other_axes)
+      return jax.lax.bitcast_convert_type(crops, jnp.int16)
 
     out_spec = PartitionSpec(batch_axes or None)
     gather = jax.shard_map(local_gather, mesh=self.mesh,
@@ -194,14 +209,17 @@ class DeviceCrops:
         self.mesh, PartitionSpec(batch_axes or None, None, None, None)))
 
 
-def device_crops(config, rows: np.ndarray, batch_sharding) -> DeviceCrops:
-  """The device cache of file `rows` over batch_sharding's mesh, built once and then kept."""
+def device_crops(config, rows: np.ndarray, batch_sharding,
+                 reserved_bytes: int = 0) -> DeviceCrops:
+  """The device cache of file `rows` over batch_sharding's mesh, built once and then kept;
+  refused when it leaves less than `reserved_bytes` per device (the train step's temporaries)."""
   path = config.data.crops_file
   mesh = _mesh_of(batch_sharding)
   key = _file_key(path, rows) + (tuple(d.id for d in mesh.devices.flat), mesh.axis_names,
                                  mesh.devices.shape)
   limit = int(config.data.get('cache_max_bytes_per_device', 0))
-  return _device_caches.get(key, lambda: DeviceCrops(CropsSource(path), rows, mesh, limit))
+  return _device_caches.get(
+      key, lambda: DeviceCrops(CropsSource(path), rows, mesh, limit, reserved_bytes))
 
 
 class DeviceBatchIterator(GlobalBatches):
@@ -235,13 +253,14 @@ class DeviceBatchIterator(GlobalBatches):
     self._cache = None  # The kept cache stays for the next iterator over the same rows.
 
 
-def device_train_iterator(config, batch_sharding, start_step: int,
-                          positions_held: np.ndarray) -> DeviceBatchIterator:
+def device_train_iterator(config, batch_sharding, start_step: int, positions_held: np.ndarray,
+                          reserved_bytes: int = 0) -> DeviceBatchIterator:
   """Training batches start_step, start_step + 1, ... from the device cache (see loader)."""
   path = config.data.crops_file
   positive_rows, negative_rows = split_by_label(
       path, split_rows(path, config.data.train_subsets, skip_excluded=True))
-  cache = device_crops(config, np.union1d(positive_rows, negative_rows), batch_sharding)
+  cache = device_crops(config, np.union1d(positive_rows, negative_rows), batch_sharding,
+                       reserved_bytes)
   labels = CropsSource(path).labels
   seed, size = config.seed, config.train.global_batch_size
   fraction = config.data.positive_fraction
@@ -280,26 +299,6 @@ def device_eval_iterator(config, rows: np.ndarray, batch_sharding,
 # ---- host: one shared-memory file that every reading process maps ---------------------------
 
 
-def _available_host_bytes() -> int | None:
-  try:
-    with open('/proc/meminfo') as f:
-      for line in f:
-        if line.startswith('MemAvailable:'):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
-
-
-def shared_memory_dir(nbytes: int) -> str:
-  """/dev/shm (RAM) when it has room for `nbytes`, else the temporary directory."""
-  if os.path.isdir('/dev/shm') and os.access('/dev/shm', os.W_OK):
-    stat = os.statvfs('/dev/shm')  # Containers often mount a small one (Docker: 64 MB).
-    if stat.f_bavail * stat.f_frsize > nbytes:
-      return '/dev/shm'
-  return tempfile.gettempdir()
-
-
 class HostCrops:
   """The crops of the sorted file `rows` in one int16 file in shared memory, mapped read-only by
   each process that reads; a drop-in for CropsSource in the Grain loaders (crop_shape,
@@ -310,20 +309,24 @@ class HostCrops:
     self.rows = np.asarray(rows, np.int64)
     self.crop_shape = source.crop_shape
     nbytes = len(self.rows) * math.prod(self.crop_shape) * 2
-    available = _available_host_bytes()
+    available = shared_memory.available_host_bytes()  # The container's limit included.
     if available is not None and nbytes > available:
       raise CacheError(
           f'the host crops cache needs {_fmt_bytes(nbytes)} ({len(self.rows)} crops of '
-          f'{self.crop_shape} int16) but this host has {_fmt_bytes(available)} available; use '
-          '--config.data.cache=none (read from the file) or fewer subsets')
+          f'{self.crop_shape} int16) but this process may use {_fmt_bytes(available)} (host '
+          'and container limit); use --config.data.cache=none (read from the file) or fewer '
+          'subsets')
     self._labels = source.labels(np.arange(len(source)))
-    fd, self.path = tempfile.mkstemp(prefix='jaxmed-crops-', suffix='.int16',
-                                     dir=shared_memory_dir(nbytes))
+    fd, self.path = leftovers.mkstemp('jaxmed-crops-', shared_memory.shared_memory_dir(nbytes),
+                                      '.int16')
     os.close(fd)
     # The creating process removes the file when this object goes (workers keep their mapping).
-    self._remove = weakref.finalize(self, _remove_file, self.path)
+    self._remove = weakref.finalize(self, shared_memory.remove, self.path)
     crops = np.lib.format.open_memmap(self.path, 'w+', np.int16,
                                       (max(len(self.rows), 1),) + self.crop_shape)
+    shared_memory.allocate(self.path, os.path.getsize(self.path),
+                           f'the host crops cache ({len(self.rows)} crops of {self.crop_shape} '
+                           'int16)')
     for first in range(0, len(self.rows), _READ_ROWS):
       chunk = self.rows[first:first + _READ_ROWS]
       source.read_crops(chunk, crops[first:first + len(chunk)])
@@ -362,13 +365,6 @@ class HostCrops:
       out = np.empty((rows.size,) + self.crop_shape, np.int16)
     np.take(self._crops(), positions, axis=0, out=out)
     return out
-
-
-def _remove_file(path: str) -> None:
-  try:
-    os.unlink(path)
-  except FileNotFoundError:
-    pass
 
 
 def host_crops(config, rows: np.ndarray) -> HostCrops:

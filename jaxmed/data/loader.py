@@ -25,6 +25,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding
 
+from jaxmed import leftovers
 from jaxmed.data import cache as cache_lib
 from jaxmed.data.batch_ring import BatchRing, aligned_empty, slots_needed
 from jaxmed.data.batches import GlobalBatches, batch_axis_sharding, to_global
@@ -148,19 +149,26 @@ def prefetched(dataset: grain.MapDataset, workers: int, prefetch: int) -> grain.
   batches = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   batches = grain.experimental.WithOptionsIterDataset(
       batches, grain.experimental.DatasetOptions(min_shm_size=_NO_GRAIN_SHARED_MEMORY))
+  # Workers end with this process, even after a kill -9 of it (jaxmed/leftovers.py).
   return batches.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)),
+      worker_init_fn=leftovers.exit_with_parent)
 
 
-def ring_for(loader, config, slot_shape: tuple[int, ...]) -> BatchRing | None:
+def ring_for(loader, config, slot_shape: tuple[int, ...],
+             num_batches: int | None = None) -> BatchRing | None:
   """The shared-memory ring workers read a batch's images (`slot_shape` int16) into, set as
-  loader.ring (None when reading in this process)."""
+  loader.ring (None when reading in this process); no more slots than a pass of `num_batches`
+  batches can fill."""
   workers, prefetch = config.data.workers, config.data.prefetch
   if workers < 0 or prefetch < 0:
     raise ValueError(f'config.data.workers ({workers}) and prefetch ({prefetch}) must be >= 0')
   if workers == 0:
     return None
-  loader.ring = BatchRing(slots_needed(workers, max(1, prefetch)), slot_shape)
+  slots = slots_needed(workers, max(1, prefetch))
+  if num_batches is not None:  # Batch n goes to slot n % slots: n < num_batches never laps.
+    slots = max(1, min(slots, num_batches))
+  loader.ring = BatchRing(slots, slot_shape)
   return loader.ring
 
 
@@ -224,8 +232,19 @@ class BatchIterator(GlobalBatches):
         self._ring.close()
 
 
+def abstract_train_batch(config, batch_sharding: jax.sharding.Sharding) -> dict:
+  """The shapes, dtypes and shardings of a make_train_iterator batch (jax.ShapeDtypeStruct),
+  to compile the train step before any batch exists."""
+  size, crop_shape = config.train.global_batch_size, CropsSource(config.data.crops_file).crop_shape
+  shapes = {'crops': ((size,) + tuple(crop_shape), np.int16), 'label': ((size,), np.int32),
+            'index': ((size,), np.int32), 'row': ((size,), np.int32)}
+  return {name: jax.ShapeDtypeStruct(shape, dtype,
+                                     sharding=batch_axis_sharding(batch_sharding, len(shape)))
+          for name, (shape, dtype) in shapes.items()}
+
+
 def make_train_iterator(config, batch_sharding: jax.sharding.Sharding,
-                        start_step: int = 0):
+                        start_step: int = 0, reserved_bytes: int = 0):
   """Global training batches for steps start_step, start_step + 1, ... (never ends; close it).
 
   Each batch: 'crops' int16 (B, S, S, S) HU, 'label' int32 (B,), 'index' int32 (B,) = the global
@@ -233,14 +252,16 @@ def make_train_iterator(config, batch_sharding: jax.sharding.Sharding,
   B = config.train.global_batch_size, sharded over its first axis by `batch_sharding`.
   Starting at start_step is O(1): the step range is sliced, nothing is replayed.
   config.data.cache picks where crops come from: 'none' (the file, through Grain), 'host' (a
-  shared-memory copy, through Grain) or 'device' (gathered on the devices); same batches.
+  shared-memory copy, through Grain) or 'device' (gathered on the devices, refused unless
+  `reserved_bytes` per device stay free for the train step's temporaries); same batches.
   """
   mode = cache_lib.cache_mode(config)
   path = config.data.crops_file
   global_batch_size = config.train.global_batch_size
   positions = process_batch_rows(batch_sharding, global_batch_size)
   if mode == 'device':
-    return cache_lib.device_train_iterator(config, batch_sharding, start_step, positions)
+    return cache_lib.device_train_iterator(config, batch_sharding, start_step, positions,
+                                           reserved_bytes)
   positive_rows, negative_rows = split_by_label(
       path, split_rows(path, config.data.train_subsets, skip_excluded=True))
   source = (cache_lib.host_crops(config, np.union1d(positive_rows, negative_rows))
@@ -273,7 +294,7 @@ def make_eval_iterator(config, subsets: Iterable[int], batch_sharding: jax.shard
   num_batches = -(-len(rows) // eval_batch_size)
   source = cache_lib.host_crops(config, rows) if mode == 'host' else CropsSource(path)
   loader = _EvalBatchLoader(source, rows, eval_batch_size, positions)
-  ring = ring_for(loader, config, (len(positions),) + source.crop_shape)
+  ring = ring_for(loader, config, (len(positions),) + source.crop_shape, num_batches)
   batches = grain.MapDataset.range(num_batches).map(loader)
   return BatchIterator(prefetched(batches, config.data.workers, config.data.prefetch),
                        batch_sharding, eval_batch_size, num_batches, ring=ring)

@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from absl import logging
 
+from jaxmed import leftovers
 from jaxmed.reporting import format_seconds
 from jaxmed.scans import luna16
 from jaxmed.scans.luna16 import DataError
@@ -119,6 +120,13 @@ def init_worker() -> None:
   sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
+def _init_pool_worker() -> None:
+  init_worker()
+  # A kill -9 of the parent leaves no worker running. SIGTERM keeps its default: the pool
+  # terminates the workers of a broken pool with it.
+  leftovers.exit_with_parent(ignore_sigterm=False)
+
+
 def run_tasks(process: Callable[[dict], dict], pending: list[dict], workers: int, total: int,
               cached: int, label: str = 'preprocess',
               in_process_threads: int | None = 1) -> list[dict]:
@@ -152,7 +160,7 @@ def run_tasks(process: Callable[[dict], dict], pending: list[dict], workers: int
     return results
   context = multiprocessing.get_context('spawn')  # No fork of a process that may hold JAX.
   with concurrent.futures.ProcessPoolExecutor(min(workers, len(pending)), mp_context=context,
-                                              initializer=init_worker) as pool:
+                                              initializer=_init_pool_worker) as pool:
     futures = [pool.submit(process, task) for task in pending]
     try:
       for future in concurrent.futures.as_completed(futures):

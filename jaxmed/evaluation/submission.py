@@ -145,7 +145,7 @@ def read_seriesuids(path) -> np.ndarray:
   if not os.path.isfile(path):
     raise EvaluationInputError(f'seriesuids file {path} not found: pass a CSV with one '
                                'seriesuid per line')
-  with open(path, newline='') as f:
+  with open(path, newline='', encoding='utf-8-sig') as f:
     uids = [row[0].strip() for row in csv.reader(f) if row and row[0].strip()]
   if uids and uids[0] == 'seriesuid':
     uids = uids[1:]

@@ -112,14 +112,14 @@ def convert_scans(scans_dir: str, out_dir: str, fmt: str,
     if not os.path.isfile(candidates_csv):
       raise DataError(f'candidates CSV {candidates_csv} does not exist; pass --candidates=PATH '
                       'of a CSV with seriesuid,coordX,coordY,coordZ')
-    with open(candidates_csv, newline='') as f:
+    with open(candidates_csv, newline='', encoding='utf-8-sig') as f:
       reader = csv.reader(f)
-      header = next(reader, [])
+      header = [name.strip() for name in next(reader, [])]
       if 'seriesuid' not in header:
         raise DataError(f'candidates CSV {candidates_csv} has no seriesuid column; pass a LUNA16 '
                         'candidates CSV')
       column = header.index('seriesuid')
-      rows = [row for row in reader if row and row[column] in scans]
+      rows = [row for row in reader if row and row[column].strip() in scans]
   os.makedirs(out_dir, exist_ok=True)
   for scan in scans.values():
     image = scan_formats.read_scan(scan)

@@ -93,7 +93,8 @@ def read_csv(path: str, columns: tuple[str, ...],
     fix = (f'put it there or set --config.data.{config_key}' if config_key else
            f'pass the path of a CSV with columns {",".join(columns)}')
     raise DataError(f'CSV file {path} does not exist: {fix}')
-  with open(path, newline='') as f:
+  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+  with open(path, newline='', encoding='utf-8-sig') as f:
     reader = csv.reader(f)
     header = [name.strip() for name in next(reader, [])]
     missing = [c for c in columns if c not in header]
@@ -112,8 +113,8 @@ def read_csv(path: str, columns: tuple[str, ...],
   out = {}
   for col_index, name in enumerate(columns):
     values = [row[col_index] for row in rows]
-    if name == 'seriesuid':
-      out[name] = np.array(values, dtype=object)
+    if name == 'seriesuid':  # ' 1.3.6...' and '1.3.6... ' name the same scan.
+      out[name] = np.array([v.strip() for v in values], dtype=object)
       continue
     try:
       out[name] = np.array(values, dtype=np.float64)

@@ -23,6 +23,13 @@ SLICE_GAP_TOLERANCE = 0.01
 TAG_MODALITY = '0008|0060'
 TAG_POSITION = '0020|0032'  # ImagePositionPatient: world (x, y, z) mm of the first voxel.
 TAG_ORIENTATION = '0020|0037'  # ImageOrientationPatient: row then column direction cosines.
+TAG_IMAGE_TYPE = '0008|0008'  # e.g. ORIGINAL\PRIMARY\AXIAL, or ...\LOCALIZER for a scout.
+TAG_FRAMES = '0028|0008'  # NumberOfFrames: > 1 in an enhanced (multi-frame) file.
+TAG_SOP_CLASS = '0008|0016'
+ENHANCED_CT_SOP_CLASS = '1.2.840.10008.5.1.4.1.1.2.1'
+# Slices closer than this fraction of the usual gap are one slice twice (two exports, two
+# reconstructions), not a thin slab.
+DUPLICATE_GAP_FRACTION = 0.05
 
 
 class DicomSeriesError(DataError):
@@ -173,19 +180,40 @@ def _numbers(text: str, count: int, path: str, tag: str) -> np.ndarray:
   return values
 
 
+def _refuse_multiframe(reader: sitk.ImageFileReader, tags: set[str], path: str) -> None:
+  """An enhanced (multi-frame) CT file holds a whole volume in one file, its slice positions in
+  functional groups the classic series reader does not read: refused, naming it."""
+  frames = reader.GetMetaData(TAG_FRAMES).strip() if TAG_FRAMES in tags else ''
+  sop_class = (reader.GetMetaData(TAG_SOP_CLASS).strip().rstrip('\0') if TAG_SOP_CLASS in tags
+               else '')
+  if (frames.isdigit() and int(frames) > 1) or sop_class == ENHANCED_CT_SOP_CLASS:
+    raise DicomSeriesError(
+        f'DICOM file {path} is an enhanced multi-frame CT file ({frames or "several"} frames in '
+        'one file); jaxmed reads classic series (one slice per file): convert it to '
+        'single-frame files (e.g. dcm4che emf2sf) or to NIfTI (e.g. dcm2niix)')
+
+
 def check_dicom_series(scan: ScanFile) -> Geometry:
-  """Checks from the slices' headers alone: Modality CT, one orientation, at least 2 slices,
-  stacked along the slice normal (no gantry tilt), evenly spaced (a missing slice shows as a
-  double gap).
+  """Checks from the slices' headers alone: classic single-frame files (not an enhanced
+  multi-frame one), no localizer (scout) image, Modality CT, one orientation, at least 2 slices,
+  no slice twice (two closer than a twentieth of the usual gap), stacked along the slice normal
+  (no gantry tilt), evenly spaced (a missing slice shows as a double gap).
 
   Returns the volume's geometry as the series reader builds it (first slice = lowest along the
   normal). Raises DicomSeriesError naming the folder, the slice and the fix.
   """
   where = f'DICOM series {scan.seriesuid} in {scan.path}'
+  reader = sitk.ImageFileReader()
+  if len(scan.slices) == 1:  # One file: perhaps a whole volume in one enhanced file.
+    reader.SetFileName(scan.slices[0])
+    try:
+      reader.ReadImageInformation()
+      _refuse_multiframe(reader, set(reader.GetMetaDataKeys()), scan.slices[0])
+    except RuntimeError:
+      pass  # Unreadable: the count below is the clearer message.
   if len(scan.slices) < 2:
     raise DicomSeriesError(f'{where} has {len(scan.slices)} slice; a CT volume needs at least '
                            '2: add its slices or remove the folder')
-  reader = sitk.ImageFileReader()
   positions, orientations, first = [], [], None
   for path in scan.slices:
     reader.SetFileName(path)
@@ -195,6 +223,12 @@ def check_dicom_series(scan: ScanFile) -> Geometry:
       raise DicomSeriesError(f'DICOM file {path} cannot be read; re-export the series or remove '
                              'that file') from None
     tags = set(reader.GetMetaDataKeys())
+    _refuse_multiframe(reader, tags, path)
+    image_type = reader.GetMetaData(TAG_IMAGE_TYPE).upper() if TAG_IMAGE_TYPE in tags else ''
+    if 'LOCALIZER' in image_type.split('\\'):
+      raise DicomSeriesError(
+          f'{where}: slice {os.path.basename(path)} is a localizer (scout) image (ImageType '
+          f'{image_type.strip()}), not a slice of the volume; remove that file from the folder')
     modality = reader.GetMetaData(TAG_MODALITY).strip() if TAG_MODALITY in tags else ''
     if modality != 'CT':
       raise DicomSeriesError(f'{where} has Modality {modality or "(none)"} ({path}), not CT; '
@@ -216,10 +250,14 @@ def check_dicom_series(scan: ScanFile) -> Geometry:
   normal = np.cross(orientations[0, :3], orientations[0, 3:])
   along = np.stack(positions) @ normal  # Each slice's position along the normal, mm.
   gaps = np.diff(along)
-  if np.any(gaps == 0):
-    k = int(np.flatnonzero(gaps == 0)[0])
-    raise DicomSeriesError(f'{where}: slices {name(k)} and {name(k + 1)} lie at the same '
-                           'position; remove the duplicate slice')
+  close = np.abs(gaps) <= DUPLICATE_GAP_FRACTION * np.median(np.abs(gaps))
+  if np.any(close):
+    k = int(np.flatnonzero(close)[0])
+    at = ('the same position' if gaps[k] == 0 else
+          f'{abs(gaps[k]):.3g} mm apart (the series spaces its slices '
+          f'{float(np.median(np.abs(gaps))):.3g} mm)')
+    raise DicomSeriesError(f'{where}: slices {name(k)} and {name(k + 1)} lie at {at}: the same '
+                           'slice twice; remove the duplicate slice')
   if not (np.all(gaps > 0) or np.all(gaps < 0)):
     k = int(np.flatnonzero(np.sign(gaps) != np.sign(gaps[0]))[0])
     raise DicomSeriesError(f'{where}: the series reader could not order the slices by position '
