@@ -25,6 +25,7 @@ def benchmark_preprocess(config, repeats: int = 2) -> dict[str, Any]:
 
   from jaxmed.scans import luna16
   from jaxmed.data import preprocess
+  from jaxmed.data import scan_tasks
   from jaxmed.scans import synthetic as synthetic_lib
   synth = config.data.synthetic.copy_and_resolve_references()
   synth.nodules_per_scan = (4, 4)
@@ -41,12 +42,13 @@ def benchmark_preprocess(config, repeats: int = 2) -> dict[str, Any]:
     cands = luna16.read_candidates(os.path.join(tmp, 'candidates_V2.csv'))
     centers = np.stack([cands['coordX'], cands['coordY'], cands['coordZ']], 1)
     mhd = os.path.join(tmp, 'subset0', spec.seriesuid + '.mhd')
-    task = {'seriesuid': spec.seriesuid, 'mhd_path': mhd, 'mhd_rel': 'a.mhd',
-            'raw_path': luna16.data_file_path(mhd), 'raw_rel': 'a.raw', 'centers_world': centers, 'spacing_mm': float(data.spacing_mm),
+    task = {'seriesuid': spec.seriesuid, 'mhd_path': mhd,
+            'mhd_rel': os.path.relpath(mhd, tmp), 'centers_world': centers,
+            'spacing_mm': float(data.spacing_mm),
             'interpolator': data.interpolator, 'size': int(data.stored_crop_size),
             'part_path': os.path.join(tmp, 'part.npz'), 'key': 'benchmark'}
     threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    preprocess.init_worker()
+    scan_tasks.init_worker()
     try:
       runs = [preprocess.process_scan(task) for _ in range(repeats)]
     finally:
