@@ -187,6 +187,14 @@ def get_config() -> ml_collections.ConfigDict:
   detect.classifier_workdir = ''  # A crop classifier's workdir: re-score each detection.
   detect.combine = 'product'  # Detector x classifier score rule (see jaxmed/detect.py).
   detect.output_dir = ''  # Where detections.csv and montages go ('' = <workdir>/detect).
+  # Training the detector (task 'detect'; model.name 'detector3d' decodes to detect.stride).
+  detect.augment = True  # On-device flips, axial 90-degree rotations, intensity (data.augment).
+  # Heatmap Gaussian sigma, output voxels: max(sigma_per_radius x the nodule's radius, min_sigma).
+  detect.sigma_per_radius = 0.5
+  detect.min_sigma = 0.5
+  detect.diameter_loss_weight = 1.0  # L1 on log-diameter (log mm) at the centre cells.
+  detect.offset_loss_weight = 1.0  # L1 on the sub-voxel offset (output voxels) at the centres.
+  detect.val_batches = 4  # Validation-loss batches of val_subsets patches per evaluation.
 
   # ---- multi-host (jax.distributed) -------------------------------------------------------
   config.distributed = dist = ml_collections.ConfigDict()

@@ -41,21 +41,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxmed import files
-from jaxmed.data import crops_file
 from jaxmed.errors import UserError
-
-# Config sections that decide the shapes and meaning of the saved arrays.
-_MODEL_KEYS = ('model',)
-
-# Config keys (or sections) that decide which examples form step N, how they are augmented and
-# normalised, and the learning-rate schedule. Not the eval batch size: validation covers every
-# example whatever its batch size.
-DATA_STREAM_KEYS = (
-    'seed', 'train.global_batch_size', 'train.steps', 'train.learning_rate',
-    'train.warmup_steps', 'train.weight_decay', 'train.grad_clip_norm', 'data.train_subsets',
-    'data.val_subsets', 'data.positive_fraction', 'data.crop_size', 'data.stored_crop_size',
-    'data.hu_window', 'data.augment')
-
 
 class CheckpointError(UserError):
   """A checkpoint that cannot be restored into the current config."""
@@ -75,31 +61,39 @@ def _normalise(value: Any) -> Any:
   return json.loads(json.dumps(value))
 
 
+def _lookup(d: dict, key: str) -> Any:
+  for part in key.split('.'):
+    d = d.get(part, {}) if isinstance(d, dict) else {}
+  return d
+
+
 def differing_model_keys(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
-  """Model config keys whose value differs between a saved config (dict) and the current one."""
+  """Model config keys (the task's MODEL_KEYS) whose value differs between a saved config (dict)
+  and the current one."""
+  from jaxmed import tasks
   now = _normalise(current.to_dict())
   diffs = []
-  for section in _MODEL_KEYS:
-    a, b = _flatten(saved.get(section, {}), f'{section}.'), _flatten(now.get(section, {}),
-                                                                       f'{section}.')
+  for section in tasks.get(current).MODEL_KEYS:
+    a, b = _flatten(_lookup(saved, section), f'{section}.'), _flatten(_lookup(now, section),
+                                                                        f'{section}.')
     for key in sorted(set(a) | set(b)):
       if a.get(key) != b.get(key):
         diffs.append(f'{key} (checkpoint {a.get(key)!r}, config {b.get(key)!r})')
   return diffs
 
 
-def data_stream(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """{key: value} of everything that decides the examples of each step and the schedule.
-
-  The DATA_STREAM_KEYS of the config (sections flattened: 'data.augment.flip'), and the crops
-  file's identity: a digest of the source files' sha256 it stores, and its number of crops.
-  """
+def config_values(config: ml_collections.ConfigDict, keys) -> dict[str, Any]:
+  """{flattened key: value} of the config keys or sections `keys` ('data.augment.flip')."""
   flat = _flatten(_normalise(config.to_dict()))
-  stream = {k: v for k, v in flat.items()
-            if any(k == key or k.startswith(key + '.') for key in DATA_STREAM_KEYS)}
-  stream.update({f'crops_file.{k}': v
-                 for k, v in crops_file.identity(config.data.crops_file).items()})
-  return stream
+  return {k: v for k, v in flat.items()
+          if any(k == key or k.startswith(key + '.') for key in keys)}
+
+
+def data_stream(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{key: value} of everything that decides the examples of each step and the schedule: the
+  task's own list (jaxmed/tasks/), e.g. classify's keys and the crops file's identity."""
+  from jaxmed import tasks
+  return tasks.get(config).data_stream(config)
 
 
 def _shown(value: Any) -> str:

@@ -32,6 +32,7 @@ from jaxmed.evaluation import froc_bootstrap
 from jaxmed.evaluation import plots
 from jaxmed.evaluation import submission
 from jaxmed.parallel import sharding as sharding_lib
+from jaxmed.tasks import classify
 
 
 def _raw_path(config, name: str) -> str:
@@ -116,7 +117,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   table = candidate_table(config.data.crops_file, scores['row'])
   population = {k: v[~table['exclude']] for k, v in scores.items()}
   metrics = {**train.classification_metrics(population['label'], population['probability']),
-             'auc_population': train.AUC_POPULATION, 'candidates': int(len(scores['row']))}
+             'auc_population': classify.AUC_POPULATION, 'candidates': int(len(scores['row']))}
   if not is_main:
     return metrics
   writer = reporting.MetricWriter(workdir)

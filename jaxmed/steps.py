@@ -1,6 +1,6 @@
-"""The optimizer and the jitted steps: train_step (augment, forward, backward, AdamW, the fsdp
-gather and scatter), its NaN-guarded form with the metrics summed on the device, eval_step, and
-predict over a split. train.py runs them; they are reachable as train.<name> too.
+"""The optimizer and the jitted steps: train_step (the task's augmentation and loss, forward,
+backward, AdamW, the fsdp gather and scatter), its NaN-guarded form with the metrics summed on
+the device, and the classify task's eval_step and predict over a split. train.py runs them; they are reachable as train.<name> too.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxmed import tasks
 from jaxmed.data import augment
 from jaxmed.data import loader
 from jaxmed.evaluation import roc
@@ -55,11 +56,12 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
                step: jax.Array, *, config: ml_collections.ConfigDict) -> tuple[nnx.State, dict]:
   """One optimisation step on a global batch: augment on device, forward, backward, AdamW.
 
-  batch: crops int16 (B, S, S, S) HU, label int32 (B,), index int32 (B,) global example position.
+  batch: the task's training batch (jaxmed/tasks/), e.g. classify's crops int16 (B, S, S, S)
+  HU, label int32 (B,), index int32 (B,) global example position. The task turns it into the
+  model's inputs and the loss's targets, and gives the loss.
   """
-  data = config.data
-  images = augment.augment_crops(batch['crops'], batch['index'], config.seed, step, data.augment,
-                                 data.crop_size, data.hu_window)
+  task = tasks.get(config)
+  inputs, targets = task.model_inputs(batch, step, config)
   ts = nnx.merge(graphdef, state)
   ts.model.train()
 
@@ -68,7 +70,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
     # batch-norm statistics stay the model's own variables, so their updates land in it.
     model_graphdef, model_state = nnx.split(model)
     compute_model = nnx.merge(model_graphdef, sharding_lib.gather_parameters(model_state))
-    loss = bce_loss(compute_model(images), batch['label'])
+    loss = task.loss(compute_model(inputs), targets, config)
     if config.train.nan_at_step >= 0:  # Test hook: poison this one step; absent otherwise.
       loss = loss * jnp.where(step == config.train.nan_at_step, jnp.nan, 1.0)
     return loss
@@ -83,7 +85,7 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Ar
 
 def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array], *,
               config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-  """Scores the centre crops of an evaluation batch (BatchNorm with its running statistics).
+  """The classify task's evaluation step: scores the centre crops of an evaluation batch (BatchNorm with its running statistics).
 
   Returns probability float32 (B,) with the batch's label, row and mask, so one replicated
   output carries everything the host needs.
@@ -193,9 +195,10 @@ def make_train_step(graphdef, state_shardings, config) -> Callable:
 
 
 def make_eval_step(graphdef, state_shardings, mesh, config) -> Callable:
-  """Jitted eval_step(state, batch), its outputs replicated so every host has all of them."""
+  """The task's jitted eval_step(state, batch), its outputs replicated so every host has all of
+  them."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(functools.partial(eval_step, graphdef, config=config),
+  return jax.jit(functools.partial(tasks.get(config).eval_step, graphdef, config=config),
                  in_shardings=(state_shardings, None), out_shardings=replicated)
 
 

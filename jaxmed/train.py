@@ -2,6 +2,8 @@
 
 training_loop() sets a run up (mesh / input / model & optimizer, restored or created sharded /
 the steps) and TrainLoop runs it (update, log, evaluate, checkpoint, preemption, NaN guard).
+What differs between tasks (classify, detect: dataset, model, batches, loss, validation, the
+data stream a checkpoint pins) comes from the task module config.task names (jaxmed/tasks/).
 The loop reads nothing back from the device except on log steps and before a checkpoint, so the
 device never waits for the host. The optimizer and the jitted steps are in jaxmed/steps.py.
 """
@@ -25,10 +27,9 @@ from jax.sharding import NamedSharding
 
 from jaxmed import checkpointing
 from jaxmed import reporting
-from jaxmed.data import loader
-from jaxmed.data import prepare
+from jaxmed import tasks
 from jaxmed.errors import UserError
-from jaxmed.models import communication_plan, create_model, count_params
+from jaxmed.models import count_params
 from jaxmed.parallel import communication
 from jaxmed.parallel import mesh as mesh_lib
 from jaxmed.parallel import sharding as sharding_lib
@@ -53,7 +54,7 @@ class TrainState(nnx.Module):
 
 
 def create_train_state(config: ml_collections.ConfigDict) -> TrainState:
-  model = create_model(config.model, rngs=nnx.Rngs(config.seed))
+  model = tasks.get(config).create_model(config, nnx.Rngs(config.seed))
   return TrainState(model, nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param))
 
 
@@ -252,8 +253,8 @@ class TrainLoop:
     eval_fn = self.eval_fn
     if train.sigterm_at_step == step and train.sigterm_during_eval:  # Test hook.
       eval_fn = _raises_sigterm_after_first_call(eval_fn, train)
-    self.val_metrics = evaluate_split(eval_fn, self.state, self.config,
-                                      self.config.data.val_subsets, self.batch_sharding)
+    self.val_metrics = tasks.get(self.config).validate(eval_fn, self.state, self.config,
+                                                       self.batch_sharding)
     self.writer.write(step, 'val', self.val_metrics)
     logging.info('validation at step %d: %s', step,
                  ' '.join(f'{k} {v:.4g}' for k, v in self.val_metrics.items()
@@ -287,7 +288,8 @@ def _raises_sigterm_after_first_call(fn: Callable, train) -> Callable:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains config.train.steps steps (resuming from workdir if it holds checkpoints).
 
-  Returns the final step and the last validation metrics (loss, auc, accuracy).
+  Returns the final step and the last validation metrics (the task's: classify's loss, auc,
+  accuracy).
   """
   with training_loop(config, workdir) as loop:
     loop.run(config.train.steps)
@@ -310,8 +312,9 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str) -> Iterator[T
   # ---- mesh
   mesh, rules = create_mesh_and_rules(config)
 
-  # ---- input
-  prepare.ensure_crops_file(config)
+  # ---- input: the task's dataset (built when missing and allowed) and batches
+  task = tasks.get(config)
+  task.prepare(config)
   batch_sharding = sharding_lib.batch_sharding(mesh, rules, ndim=1)
 
   with sharding_lib.use_rules(mesh, rules), contextlib.ExitStack() as to_close:
@@ -333,9 +336,9 @@ def training_loop(config: ml_collections.ConfigDict, workdir: str) -> Iterator[T
     writer = to_close.enter_context(contextlib.closing(
         reporting.MetricWriter(workdir, enabled=is_main)))
     step_fn = make_train_step(graphdef, state_shardings, config)
-    train_iter = to_close.enter_context(contextlib.closing(loader.make_train_iterator(
-        config, batch_sharding, start_step, _device_cache_reserve(config, step_fn, state, mesh,
-                                                                  batch_sharding))))
+    reserved = _device_cache_reserve(config, step_fn, state, mesh, rules)
+    train_iter = to_close.enter_context(contextlib.closing(
+        task.train_batches(config, batch_sharding, start_step, reserved_bytes=reserved)))
     yield TrainLoop(config, workdir, step_fn,
                     make_eval_step(graphdef, state_shardings, mesh, config), train_iter,
                     batch_sharding, checkpointer, writer, state, start_step)
@@ -349,9 +352,9 @@ def create_mesh_and_rules(config) -> tuple[jax.sharding.Mesh, tuple]:
   mesh_lib.check_batch_divisible(config.train.eval_batch_size, mesh, rules)
   logging.info('mesh %s on %d %s devices, %d process(es)', mesh_lib.describe(mesh), mesh.size,
                jax.devices()[0].platform, jax.process_count())
-  split = (communication.spatial_summary(
-      communication_plan(config.model, config.data.crop_size, config.train.global_batch_size),
-      dict(mesh.shape)) if mesh.shape.get('spatial', 1) > 1 else None)
+  split = (communication.spatial_summary(tasks.get(config).communication_plan(config),
+                                         dict(mesh.shape))
+           if mesh.shape.get('spatial', 1) > 1 else None)
   if split:  # Which layers the spatial axis splits, and which fall back to replication, why.
     logging.info(split)
   return mesh, rules
@@ -362,24 +365,13 @@ def logical_rules(config) -> tuple[tuple[str, Any], ...]:
                for name, axes in config.mesh.logical_rules)
 
 
-# Validation and test (--mode=eval) report loss, AUC and accuracy over this population.
-AUC_POPULATION = 'excluded negatives left out'
-
-
-def evaluate_split(eval_fn, state, config, subsets, batch_sharding) -> dict[str, Any]:
-  """Validation: loss, AUC and accuracy over `subsets`, excluded negatives left out."""
-  scores = predict(eval_fn, state, config, subsets, batch_sharding, skip_excluded=True)
-  return {**classification_metrics(scores['label'], scores['probability']),
-          'auc_population': AUC_POPULATION}
-
-
-def _device_cache_reserve(config, step_fn, state, mesh, batch_sharding) -> int:
+def _device_cache_reserve(config, step_fn, state, mesh, rules) -> int:
   """Bytes per device the compiled train step's temporaries take, that a device crops cache
   must leave free (0 without one, or where the backend does not report it)."""
   if config.data.get('cache', 'none') != 'device':
     return 0
   compiled = step_fn.lower(jax.tree.leaves(state), new_loop_stats(mesh, 0),
-                           loader.abstract_train_batch(config, batch_sharding)).compile()
+                           tasks.get(config).abstract_batch(config, mesh, rules)).compile()
   try:
     return int(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:  # Not every backend reports it.

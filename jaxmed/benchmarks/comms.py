@@ -24,8 +24,8 @@ def compile_train_step(config, devices=None) -> dict[str, Any]:
   'abstract_state', 'compile_s'}.
   """
   import jax
-  import jax.numpy as jnp
 
+  from jaxmed import tasks
   from jaxmed import train
   from jaxmed.parallel import mesh as mesh_lib
   from jaxmed.parallel import sharding as sharding_lib
@@ -33,17 +33,10 @@ def compile_train_step(config, devices=None) -> dict[str, Any]:
     mesh, rules = train.create_mesh_and_rules(config)
   else:
     mesh, rules = mesh_lib.create_mesh(config.mesh, devices), train.logical_rules(config)
-  b, s = config.train.global_batch_size, config.data.stored_crop_size
   with sharding_lib.use_rules(mesh, rules):
     graphdef, abstract_state, shardings = train.abstract_train_state(config, mesh, rules)
     step_fn = train.make_train_step(graphdef, shardings, config)
-
-    def batch_array(shape, dtype):  # As the input pipeline shards: the batch axis only.
-      spec = sharding_lib.batch_sharding(mesh, rules, ndim=len(shape))
-      return jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
-
-    batch = {'crops': batch_array((b, s, s, s), jnp.int16), 'label': batch_array((b,), jnp.int32),
-             'index': batch_array((b,), jnp.int32), 'row': batch_array((b,), jnp.int32)}
+    batch = tasks.get(config).abstract_batch(config, mesh, rules)  # As the input pipeline shards.
     t0 = time.perf_counter()
     stats = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                          train.new_loop_stats(mesh, 0))  # A few replicated scalars.
@@ -74,13 +67,13 @@ def benchmark_comms(config, step: dict[str, Any] | None = None) -> dict[str, Any
   """Measured collective ring bytes per device per step, by kind, beside the analytic minimum;
   and per-device memory (parameters, optimizer state, temporaries). `step`: the output of
   compile_train_step(config), when the caller has it already."""
+  from jaxmed import tasks
   from jaxmed.parallel import collectives
-  from jaxmed.models import communication_plan
   from jaxmed.parallel import communication
   step = step or compile_train_step(config)
   compiled, mesh = step['compiled'], step['mesh']
   measured = collectives.summarize(collectives.parse_collectives(compiled.as_text()))
-  plan = communication_plan(config.model, config.data.crop_size, config.train.global_batch_size)
+  plan = tasks.get(config).communication_plan(config)
   itemsize = 2 if config.model.dtype == 'bfloat16' else 4
   minimum = communication.minimum_bytes(plan, dict(mesh.shape), step['rules'], itemsize)
   measured_total = sum(c['ring_bytes'] for c in measured.values())

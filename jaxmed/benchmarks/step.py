@@ -115,10 +115,13 @@ def describe_run(config) -> dict[str, Any]:
   ici, dcn = mesh_lib.mesh_shape(config.mesh, jax.device_count())
   model = config.model
   return {
-      'config': config.name, 'model': model.name, 'depth': model.get('depth'),
+      'config': config.name, 'task': config.get('task', 'classify'), 'model': model.name,
+      'depth': model.get('depth'),
       'width': model.width, 'space_to_depth': model.get('space_to_depth', 'none'),
       'dtype': model.dtype, 'crop_size': config.data.crop_size,
       'stored_crop_size': config.data.stored_crop_size,
+      **({'patch_size': tuple(config.detect.patch_size)} if config.get('task') == 'detect'
+         else {}),
       'global_batch_size': config.train.global_batch_size,
       'mesh': mesh_lib.describe([i * d for i, d in zip(ici, dcn)]),
       'devices': jax.device_count(), 'platform': jax.devices()[0].platform,

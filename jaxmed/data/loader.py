@@ -232,17 +232,6 @@ class BatchIterator(GlobalBatches):
         self._ring.close()
 
 
-def abstract_train_batch(config, batch_sharding: jax.sharding.Sharding) -> dict:
-  """The shapes, dtypes and shardings of a make_train_iterator batch (jax.ShapeDtypeStruct),
-  to compile the train step before any batch exists."""
-  size, crop_shape = config.train.global_batch_size, CropsSource(config.data.crops_file).crop_shape
-  shapes = {'crops': ((size,) + tuple(crop_shape), np.int16), 'label': ((size,), np.int32),
-            'index': ((size,), np.int32), 'row': ((size,), np.int32)}
-  return {name: jax.ShapeDtypeStruct(shape, dtype,
-                                     sharding=batch_axis_sharding(batch_sharding, len(shape)))
-          for name, (shape, dtype) in shapes.items()}
-
-
 def make_train_iterator(config, batch_sharding: jax.sharding.Sharding,
                         start_step: int = 0, reserved_bytes: int = 0):
   """Global training batches for steps start_step, start_step + 1, ... (never ends; close it).
