@@ -1,4 +1,10 @@
-"""The analytic minimum communication of one training step, per mesh axis, for jaxmed's CNNs.
+"""The bytes of one training step under the scheme jaxmed runs, per mesh axis, for its CNNs.
+
+This is the cost of jaxmed's own choices (batch over data and fsdp, Megatron pairs over model on
+every block, depth over spatial where it divides), derived with the rules the program uses: the
+compiled step matches it, which shows the program does what its scheme says, not that the scheme
+is efficient. parallel/bound.py gives the lower bound over the ways any program could serve
+each layer; the benchmarks print both.
 
 Bytes are ring bytes per device (parallel/collectives.py): all-reduce of S over g devices
 2 (g-1)/g S; all-gather or reduce-scatter of a full tensor S (g-1)/g S; a halo plane sent to a
@@ -62,22 +68,43 @@ class Layer:
   reads_model_input: bool  # the crops themselves: no gradient flows back
   kernel_axes: tuple[Any, ...] = ()  # logical names of a conv kernel's dimensions
   name: str = ''  # the kernel's path in the model ('blocks/2/conv1'), or 'max-pool'
+  producer: int = -1  # the latest earlier layer whose output reaches this input (-1: the crops)
+  kernel_itemsize: int = 4  # bytes per element of the kernel parameter (its gradient's dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What the minimum is computed from: layers, batch-norm widths, parameters."""
+  """What the scheme's cost and the bound are computed from: layers, norms, parameters."""
   layers: list[Layer]
   norm_stats: list[tuple[int, int]]  # (C, depth) of every batch-norm statistic (2 per layer)
   pooled: list[tuple[int, int, int]]  # (B, C, depth) of every global average pool
   params: list[tuple[tuple[int, ...], int, tuple[Any, ...]]]  # (shape, itemsize, logical axes)
   conv_param_depths: dict[int, int]  # param index -> output depth of the conv that uses it
+  activation_itemsize: int = 4  # bytes per element of the convolutions' inputs
+
+
+# Primitives that pass a value through unchanged in what it is (a parameter stays that parameter,
+# the crops stay the crops): dtype casts, copies, sharding annotations.
+_SAME_VALUE = ('convert_element_type', 'sharding_constraint', 'copy', 'copy_p')
+
+
+def _inner_jaxprs(eqn) -> list[Any]:
+  """The jaxprs an equation calls (jit, remat, custom_vjp / custom_jvp, shard_map ...)."""
+  found = []
+  for value in eqn.params.values():
+    if hasattr(value, 'eqns'):
+      found.append(value)
+    elif hasattr(value, 'jaxpr') and hasattr(value.jaxpr, 'eqns'):
+      found.append(value.jaxpr)
+  return found
 
 
 def trace_plan(model: nnx.Module, input_shape: tuple[int, ...]) -> Plan:
-  """Layers and parameters of `model`'s forward pass (training mode) on float32 inputs of
-  `input_shape` ((B, D, H, W, 1) crops or patches). `model` may be abstract (nnx.eval_shape):
-  only shapes are traced. The caller builds the model, so this package imports none."""
+  """Layers and parameters of `model`'s forward pass (training mode) on inputs of `input_shape`
+  ((B, D, H, W, 1) crops or patches). `model` may be abstract (nnx.eval_shape): only shapes are
+  traced. The caller builds the model, so this package imports none. Nested jaxprs (jit,
+  remat, custom_vjp, custom_jvp) are followed, so a layer inside any of them is read as the
+  compiled program runs it; a parameter cast to the compute dtype is still that parameter."""
   graphdef, state = nnx.split(model)
 
   def forward(state, crops):
@@ -91,46 +118,100 @@ def trace_plan(model: nnx.Module, input_shape: tuple[int, ...]) -> Plan:
   crops = jax.ShapeDtypeStruct(tuple(input_shape), np.float32)
   closed = jax.make_jaxpr(forward)(state, crops)
   jaxpr = closed.jaxpr
+  # What each value is, as far as the plan cares: ('param', index), ('input',), or the index of
+  # the latest layer whose output it derives from (through casts, norms, adds...).
   param_of = {v: i for i, v in enumerate(jaxpr.invars[:len(variables)])}
   model_input = jaxpr.invars[len(variables)]
   derived_from_input = {model_input}
+  latest: dict[Any, int] = {}  # value -> index of the latest layer reaching it
   ids: dict[Any, int] = {}
   layers, norm_stats, pooled, conv_depths = [], [], [], {}
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name in ('convert_element_type', 'sharding_constraint', 'copy') and \
-        eqn.invars[0] in derived_from_input:
-      derived_from_input.add(eqn.outvars[0])
-    if name == 'conv_general_dilated':
-      lhs, rhs = eqn.invars
-      (lo, hi), stride = eqn.params['padding'][0], eqn.params['window_strides'][0]
-      param = param_of.get(rhs)
-      axes, name = (), 'conv'
-      if param is not None:
-        axes = tuple(variables[param].get_metadata().get(sharding_lib.LOGICAL_AXES_KEY) or ())
-        conv_depths[param] = eqn.outvars[0].aval.shape[1]
-        name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in paths[param][:-1])
-      layers.append(Layer('conv', lhs.aval.shape, eqn.outvars[0].aval.shape,
-                          rhs.aval.shape[0], stride, (lo, hi), ids.setdefault(lhs, len(ids)),
-                          lhs in derived_from_input, axes, name))
-    elif name == 'reduce_window_max':
-      (lo, hi) = eqn.params['padding'][1]
-      layers.append(Layer('pool', eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape,
-                          eqn.params['window_dimensions'][1], eqn.params['window_strides'][1],
-                          (lo, hi), ids.setdefault(eqn.invars[0], len(ids)), False,
-                          name='max-pool'))
-    elif name == 'reduce_sum' and len(eqn.invars[0].aval.shape) == 5:
-      shape, axes = eqn.invars[0].aval.shape, tuple(eqn.params['axes'])
-      if axes == (0, 1, 2, 3):
-        norm_stats.append((shape[4], shape[1]))
-      elif axes == (1, 2, 3):
-        pooled.append((shape[0], shape[4], shape[1]))
+  activation_itemsizes = []
+
+  def known(var):
+    try:
+      hash(var)
+    except TypeError:  # Literals
+      return False
+    return not hasattr(var, 'val')
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      inputs = [v for v in eqn.invars if known(v)]
+      reach = max((latest[v] for v in inputs if v in latest), default=None)
+      for inner in _inner_jaxprs(eqn):
+        for inner_var, outer_var in zip(inner.invars[-len(eqn.invars):] if eqn.invars else [],
+                                        eqn.invars):
+          if not known(outer_var):
+            continue
+          if outer_var in param_of:
+            param_of[inner_var] = param_of[outer_var]
+          if outer_var in derived_from_input:
+            derived_from_input.add(inner_var)
+          if outer_var in latest:
+            latest[inner_var] = latest[outer_var]
+        before = len(layers)
+        walk(inner)
+        if len(inner.outvars) == len(eqn.outvars):
+          for inner_var, outer_var in zip(inner.outvars, eqn.outvars):
+            if known(inner_var) and inner_var in latest:
+              latest[outer_var] = latest[inner_var]
+            elif reach is not None or len(layers) > before:
+              latest[outer_var] = len(layers) - 1 if len(layers) > before else reach
+      if _inner_jaxprs(eqn):
+        continue
+      if name in _SAME_VALUE and inputs:
+        if inputs[0] in derived_from_input:
+          derived_from_input.add(eqn.outvars[0])
+        if inputs[0] in param_of:
+          param_of[eqn.outvars[0]] = param_of[inputs[0]]
+      if name == 'conv_general_dilated':
+        lhs, rhs = eqn.invars
+        (lo, hi), stride = eqn.params['padding'][0], eqn.params['window_strides'][0]
+        param = param_of.get(rhs)
+        axes, label, itemsize = (), 'conv', np.dtype(rhs.aval.dtype).itemsize
+        if param is not None:
+          variable = variables[param]
+          axes = tuple(variable.get_metadata().get(sharding_lib.LOGICAL_AXES_KEY) or ())
+          conv_depths[param] = eqn.outvars[0].aval.shape[1]
+          label = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k)))
+                           for k in paths[param][:-1])
+          itemsize = np.dtype(variable.get_value().dtype).itemsize
+        activation_itemsizes.append(np.dtype(lhs.aval.dtype).itemsize)
+        layers.append(Layer('conv', lhs.aval.shape, eqn.outvars[0].aval.shape,
+                            rhs.aval.shape[0], stride, (lo, hi), ids.setdefault(lhs, len(ids)),
+                            lhs in derived_from_input, axes, label,
+                            latest.get(lhs, -1), itemsize))
+        latest[eqn.outvars[0]] = len(layers) - 1
+        continue
+      if name == 'reduce_window_max':
+        (lo, hi) = eqn.params['padding'][1]
+        source = eqn.invars[0]
+        layers.append(Layer('pool', source.aval.shape, eqn.outvars[0].aval.shape,
+                            eqn.params['window_dimensions'][1], eqn.params['window_strides'][1],
+                            (lo, hi), ids.setdefault(source, len(ids)), False,
+                            name='max-pool', producer=latest.get(source, -1)))
+        latest[eqn.outvars[0]] = len(layers) - 1
+        continue
+      if name == 'reduce_sum' and len(eqn.invars[0].aval.shape) == 5:
+        shape, axes = eqn.invars[0].aval.shape, tuple(eqn.params['axes'])
+        if axes == (0, 1, 2, 3):
+          norm_stats.append((shape[4], shape[1]))
+        elif axes == (1, 2, 3):
+          pooled.append((shape[0], shape[4], shape[1]))
+      if reach is not None:
+        for out in eqn.outvars:
+          latest[out] = reach
+
+  walk(jaxpr)
   params = [(tuple(v.get_value().shape), np.dtype(v.get_value().dtype).itemsize,
              tuple(v.get_metadata().get(sharding_lib.LOGICAL_AXES_KEY) or ()))
             for v in variables if isinstance(v, nnx.Param)]
   param_index = [i for i, v in enumerate(variables) if isinstance(v, nnx.Param)]
   depths = {param_index.index(i): d for i, d in conv_depths.items() if i in param_index}
-  return Plan(layers, norm_stats, pooled, params, depths)
+  itemsize = activation_itemsizes[0] if activation_itemsizes else 4
+  return Plan(layers, norm_stats, pooled, params, depths, itemsize)
 
 
 def _ring_all_reduce(nbytes: float, group: int) -> float:
@@ -150,15 +231,16 @@ def halo_planes(kernel: int, stride: int, pad_low: int) -> tuple[int, int, int, 
           max((kernel - 1 - pad_low) // stride, 0), max((pad_low + stride - 1) // stride, 0))
 
 
-def minimum_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
-                  activation_itemsize: int) -> dict[str, Any]:
-  """Analytic minimum ring bytes per device of one training step (module docstring).
+def scheme_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
+                 activation_itemsize: int | None = None) -> dict[str, Any]:
+  """Ring bytes per device of one training step under jaxmed's scheme (module docstring).
 
   mesh_shape: {'data', 'fsdp', 'model', 'spatial'} sizes. rules: the logical rules (they say
   which parameter dimensions are sharded over which axes). Returns {'by_kind': {kind: bytes},
   'by_axis': {'data', 'fsdp', 'tensor', 'spatial': bytes}, 'total': bytes,
   'replicated_layers': [(layer index, depth), ...] (layers that do not split over spatial)}.
   """
+  activation_itemsize = activation_itemsize or plan.activation_itemsize
   n_d, n_f, n_m, n_s = (mesh_shape.get(a, 1) for a in ('data', 'fsdp', 'model', 'spatial'))
   n_b = n_d * n_f
   mesh = jax.sharding.AbstractMesh((n_d, n_f, n_m, n_s), ('data', 'fsdp', 'model', 'spatial'))
@@ -214,12 +296,15 @@ def minimum_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
       spec = sharding_lib.logical_to_spec(layer.kernel_axes, mesh, rules,
                                           (layer.kernel_depth,) * 3 + (c_in, c_out))
       kernel_in, kernel_out = (tuple(spec) + (None,) * 5)[3:5]
-      if kernel_out == 'model' and kernel_in != 'model' and in_sharded:  # column-parallel
+      if kernel_out == 'model' and kernel_in != 'model':  # column-parallel
         if layer.input_id not in gathered:
           gathered.add(layer.input_id)
-          add('all-gather', 'tensor', _ring_gather(input_bytes, n_m))
-          if not layer.reads_model_input:
-            add('reduce-scatter', 'tensor', _ring_gather(input_bytes, n_m))
+          if in_sharded:
+            add('all-gather', 'tensor', _ring_gather(input_bytes, n_m))
+            if not layer.reads_model_input:
+              add('reduce-scatter', 'tensor', _ring_gather(input_bytes, n_m))
+          elif not layer.reads_model_input:  # A whole input: its gradient's partial sums.
+            add('all-reduce', 'tensor', _ring_all_reduce(input_bytes, n_m))
       elif kernel_in == 'model' and kernel_out != 'model':  # row-parallel
         add('reduce-scatter', 'tensor', _ring_gather(output_bytes, n_m))
         add('all-gather', 'tensor', _ring_gather(output_bytes, n_m))
@@ -239,6 +324,9 @@ def minimum_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
           add('all-gather', 'spatial', _ring_gather(plane_in * d, n_s))
   return {'by_kind': by_kind, 'by_axis': by_axis, 'total': sum(by_kind.values()),
           'replicated_layers': replicated}
+
+
+minimum_bytes = scheme_bytes  # The name it had when the scheme was taken for the minimum.
 
 
 def spatial_summary(plan: Plan, mesh_shape: dict[str, int]) -> str | None:
