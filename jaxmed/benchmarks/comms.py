@@ -34,7 +34,8 @@ def compile_train_step(config, devices=None) -> dict[str, Any]:
   if devices is None:
     mesh, rules = train.create_mesh_and_rules(config)
   else:
-    mesh, rules = mesh_lib.create_mesh(config.mesh, devices), train.logical_rules(config)
+    mesh = mesh_lib.create_mesh(config.mesh, devices)
+    rules = train.logical_rules(config, dict(mesh.shape))
   b, s = config.train.global_batch_size, config.data.stored_crop_size
   with sharding_lib.use_rules(mesh, rules):
     graphdef, abstract_state, shardings = train.abstract_train_state(config, mesh, rules)

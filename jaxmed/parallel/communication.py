@@ -52,7 +52,7 @@ from flax import nnx
 from jaxmed.parallel import sharding as sharding_lib
 from jaxmed.parallel import spatial
 
-KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute')
+KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,7 @@ class Layer:
   name: str = ''  # the kernel's path in the model ('blocks/2/conv1'), or 'max-pool'
   producer: int = -1  # the latest earlier layer whose output reaches this input (-1: the crops)
   kernel_itemsize: int = 4  # bytes per element of the kernel parameter (its gradient's dtype)
+  stage: str = ''  # the model stage it belongs to (its kernel's 'stage' metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,8 @@ class Plan:
   params: list[tuple[tuple[int, ...], int, tuple[Any, ...]]]  # (shape, itemsize, logical axes)
   conv_param_depths: dict[int, int]  # param index -> output depth of the conv that uses it
   activation_itemsize: int = 4  # bytes per element of the convolutions' inputs
+  param_stages: tuple[str, ...] = ()  # the model stage of each of `params` ('' if none)
+  norm_stages: tuple[str, ...] = ()  # the model stage of each of `norm_stats`
 
 
 # Primitives that pass a value through unchanged in what it is (a parameter stays that parameter,
@@ -126,7 +129,8 @@ def trace_plan(model: nnx.Module, input_shape: tuple[int, ...]) -> Plan:
   latest: dict[Any, int] = {}  # value -> index of the latest layer reaching it
   ids: dict[Any, int] = {}
   layers, norm_stats, pooled, conv_depths = [], [], [], {}
-  activation_itemsizes = []
+  activation_itemsizes, norm_next = [], []  # norm_next: the layer after each norm statistic
+  stage_of = lambda variable: variable.get_metadata().get(sharding_lib.STAGE_KEY) or ''
 
   def known(var):
     try:
@@ -171,8 +175,10 @@ def trace_plan(model: nnx.Module, input_shape: tuple[int, ...]) -> Plan:
         (lo, hi), stride = eqn.params['padding'][0], eqn.params['window_strides'][0]
         param = param_of.get(rhs)
         axes, label, itemsize = (), 'conv', np.dtype(rhs.aval.dtype).itemsize
+        stage = ''
         if param is not None:
           variable = variables[param]
+          stage = stage_of(variable)
           axes = tuple(variable.get_metadata().get(sharding_lib.LOGICAL_AXES_KEY) or ())
           conv_depths[param] = eqn.outvars[0].aval.shape[1]
           label = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k)))
@@ -182,22 +188,25 @@ def trace_plan(model: nnx.Module, input_shape: tuple[int, ...]) -> Plan:
         layers.append(Layer('conv', lhs.aval.shape, eqn.outvars[0].aval.shape,
                             rhs.aval.shape[0], stride, (lo, hi), ids.setdefault(lhs, len(ids)),
                             lhs in derived_from_input, axes, label,
-                            latest.get(lhs, -1), itemsize))
+                            latest.get(lhs, -1), itemsize, stage))
         latest[eqn.outvars[0]] = len(layers) - 1
         continue
       if name == 'reduce_window_max':
         (lo, hi) = eqn.params['padding'][1]
         source = eqn.invars[0]
+        producer = latest.get(source, -1)
         layers.append(Layer('pool', source.aval.shape, eqn.outvars[0].aval.shape,
                             eqn.params['window_dimensions'][1], eqn.params['window_strides'][1],
                             (lo, hi), ids.setdefault(source, len(ids)), False,
-                            name='max-pool', producer=latest.get(source, -1)))
+                            name='max-pool', producer=producer,
+                            stage=layers[producer].stage if producer >= 0 else ''))
         latest[eqn.outvars[0]] = len(layers) - 1
         continue
       if name == 'reduce_sum' and len(eqn.invars[0].aval.shape) == 5:
         shape, axes = eqn.invars[0].aval.shape, tuple(eqn.params['axes'])
         if axes == (0, 1, 2, 3):
           norm_stats.append((shape[4], shape[1]))
+          norm_next.append(len(layers))
         elif axes == (1, 2, 3):
           pooled.append((shape[0], shape[4], shape[1]))
       if reach is not None:
@@ -208,10 +217,13 @@ def trace_plan(model: nnx.Module, input_shape: tuple[int, ...]) -> Plan:
   params = [(tuple(v.get_value().shape), np.dtype(v.get_value().dtype).itemsize,
              tuple(v.get_metadata().get(sharding_lib.LOGICAL_AXES_KEY) or ()))
             for v in variables if isinstance(v, nnx.Param)]
+  param_stages = tuple(stage_of(v) for v in variables if isinstance(v, nnx.Param))
+  last_stage = param_stages[-1] if param_stages else ''  # the head's, for norms after the layers
+  norm_stages = tuple(layers[i].stage if i < len(layers) else last_stage for i in norm_next)
   param_index = [i for i, v in enumerate(variables) if isinstance(v, nnx.Param)]
   depths = {param_index.index(i): d for i, d in conv_depths.items() if i in param_index}
   itemsize = activation_itemsizes[0] if activation_itemsizes else 4
-  return Plan(layers, norm_stats, pooled, params, depths, itemsize)
+  return Plan(layers, norm_stats, pooled, params, depths, itemsize, param_stages, norm_stages)
 
 
 def _ring_all_reduce(nbytes: float, group: int) -> float:
@@ -242,7 +254,6 @@ def scheme_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
   """
   activation_itemsize = activation_itemsize or plan.activation_itemsize
   n_d, n_f, n_m, n_s = (mesh_shape.get(a, 1) for a in ('data', 'fsdp', 'model', 'spatial'))
-  n_b = n_d * n_f
   mesh = jax.sharding.AbstractMesh((n_d, n_f, n_m, n_s), ('data', 'fsdp', 'model', 'spatial'))
   by_kind = dict.fromkeys(KINDS, 0.0)
   by_axis = dict.fromkeys(('data', 'fsdp', 'tensor', 'spatial'), 0.0)
@@ -254,9 +265,21 @@ def scheme_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
   def split(depth):  # batch-norm statistics and pools: their depth divides
     return n_s > 1 and depth % n_s == 0
 
+  def placement(stage):
+    """(rules, batch devices, channel axes, channel devices) inside `stage`: a stage may
+    have the model axis split its batch instead of its channels (parallel/stages.py)."""
+    stage_rules = sharding_lib.stage_rules(rules, stage)
+    size = lambda axes: math.prod(mesh_shape.get(a, 1) for a in axes)
+    batch = tuple(a for a in sharding_lib.mesh_axes_for('batch', mesh, stage_rules)
+                  if a != 'spatial')
+    channels = sharding_lib.mesh_axes_for('channels', mesh, stage_rules)
+    return stage_rules, size(batch), channels, size(channels)
+
   # ---- gradients and fsdp weights
-  for index, (shape, itemsize, axes) in enumerate(plan.params):
-    spec = sharding_lib.logical_to_spec(axes, mesh, rules, shape) if axes else ()
+  param_stages = plan.param_stages or ('',) * len(plan.params)
+  for index, ((shape, itemsize, axes), stage) in enumerate(zip(plan.params, param_stages)):
+    stage_rules, n_b, _, _ = placement(stage)
+    spec = sharding_lib.logical_to_spec(axes, mesh, stage_rules, shape) if axes else ()
     used = [a for entry in spec if entry for a in (entry if isinstance(entry, tuple) else (entry,))]
     per_device = math.prod(shape) * itemsize / math.prod(mesh_shape.get(a, 1) for a in used)
     depth = plan.conv_param_depths.get(index)
@@ -270,18 +293,23 @@ def scheme_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
       add('all-reduce', 'data', _ring_all_reduce(per_device, group))
 
   # ---- batch-norm statistics (forward and backward) and global pools
-  for channels, depth in plan.norm_stats:
-    local = channels // n_m if channels % n_m == 0 else channels
+  norm_stages = plan.norm_stages or ('',) * len(plan.norm_stats)
+  for (channels, depth), stage in zip(plan.norm_stats, norm_stages):
+    _, n_b, _, n_c = placement(stage)
+    local = channels // n_c if channels % n_c == 0 else channels
     group = n_b * (n_s if split(depth) else 1)
     add('all-reduce', 'data', 2 * _ring_all_reduce(4 * local, group))
   for batch, channels, depth in plan.pooled:
-    local = channels // n_m if channels % n_m == 0 else channels
+    _, n_b, _, n_c = placement(param_stages[-1] if param_stages else '')
+    local = channels // n_c if channels % n_c == 0 else channels
     if split(depth):  # Partial sums over each device's depth slab.
       add('all-reduce', 'spatial', _ring_all_reduce(4 * local * batch // n_b, n_s))
 
   # ---- per-layer activations: tensor and spatial
-  replicated, gathered = [], set()
+  replicated, gathered, resharded = [], set(), set()
   for index, layer in enumerate(plan.layers):
+    stage_rules, n_b, channel_axes, n_m = placement(layer.stage)
+    before = plan.layers[layer.producer].stage if layer.producer >= 0 else None
     b, d, h, w, c_in = layer.input_shape
     _, d_out, h_out, w_out, c_out = layer.output_shape
     local_batch = b // n_b
@@ -292,11 +320,21 @@ def scheme_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
     c_out_local = c_out // n_m if n_m > 1 and c_out % n_m == 0 else c_out
     input_bytes = local_batch * depth_local * h * w * c_in * activation_itemsize
     output_bytes = local_batch * out_depth_local * h_out * w_out * c_out * activation_itemsize
+    if (before is not None and placement(before)[2] != channel_axes and not channel_axes
+        and layer.input_id not in resharded):
+      # From channel shards onto batch shards (a stage whose model axis splits the batch):
+      # one all-to-all of the input forward, one of its gradient backward.
+      resharded.add(layer.input_id)
+      g = placement(before)[3]
+      add('all-to-all', 'tensor', 2 * _ring_gather(input_bytes, g))
     if n_m > 1 and layer.op == 'conv':
-      spec = sharding_lib.logical_to_spec(layer.kernel_axes, mesh, rules,
+      spec = sharding_lib.logical_to_spec(layer.kernel_axes, mesh, stage_rules,
                                           (layer.kernel_depth,) * 3 + (c_in, c_out))
-      kernel_in, kernel_out = (tuple(spec) + (None,) * 5)[3:5]
-      if kernel_out == 'model' and kernel_in != 'model':  # column-parallel
+      kernel_in, kernel_out = ((tuple(spec) + (None,) * 5)[3:5])
+      on_channels = lambda entry: bool(entry) and set(
+          entry if isinstance(entry, tuple) else (entry,)) == set(channel_axes)
+      kernel_in, kernel_out = on_channels(kernel_in), on_channels(kernel_out)
+      if kernel_out and not kernel_in:  # column-parallel
         if layer.input_id not in gathered:
           gathered.add(layer.input_id)
           if in_sharded:
@@ -305,7 +343,7 @@ def scheme_bytes(plan: Plan, mesh_shape: dict[str, int], rules: Any,
               add('reduce-scatter', 'tensor', _ring_gather(input_bytes, n_m))
           elif not layer.reads_model_input:  # A whole input: its gradient's partial sums.
             add('all-reduce', 'tensor', _ring_all_reduce(input_bytes, n_m))
-      elif kernel_in == 'model' and kernel_out != 'model':  # row-parallel
+      elif kernel_in and not kernel_out:  # row-parallel
         add('reduce-scatter', 'tensor', _ring_gather(output_bytes, n_m))
         add('all-gather', 'tensor', _ring_gather(output_bytes, n_m))
     if n_s > 1:
