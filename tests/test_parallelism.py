@@ -234,3 +234,30 @@ def test_a_model_axis_without_activation_constraints_is_caught(monkeypatch):
   config = small_config(MESHES['data2_model4'])
   result = comms.benchmark_comms(config)
   assert result['ratio'] > 1.1, result['ratio']
+
+
+def test_an_all_reduce_is_a_reduce_scatter_only_when_each_device_keeps_its_own_piece():
+  def parse(offset_line, offset, piece=250):
+    hlo = f'''
+  HloModule m, num_partitions=4
+  %pid = u32[] partition-id()
+  %four = u32[] constant({piece})
+  {offset_line}
+  %ar = f32[1000]{{0}} all-reduce(f32[1000]{{0}} %p), replica_groups=[1,4]<=[4], to_apply=%add
+  %ds = f32[{piece}]{{0}} dynamic-slice(f32[1000]{{0}} %ar, u32[] %{offset}), dynamic_slice_sizes={{{piece}}}
+  '''
+    (found,) = collectives.parse_collectives(hlo)
+    return found
+
+  # Each device slices at its own partition's offset: the pieces cover the sum.
+  own = parse('%at = u32[] multiply(u32[] %pid, u32[] %four)', 'at')
+  assert own.kind == 'reduce-scatter' and own.from_pattern
+  assert own.ring_bytes == pytest.approx(3 / 4 * 4000)
+  # Every device slices the same piece: a real all-reduce (the rest of the sum is dropped,
+  # not scattered), at all-reduce bytes.
+  same = parse('%at = u32[] constant(0)', 'at')
+  assert same.kind == 'all-reduce' and not same.from_pattern
+  assert same.ring_bytes == pytest.approx(2 * 3 / 4 * 4000)
+  # Pieces of half the sum on 4 devices cannot be a reduce-scatter's.
+  half = parse('%at = u32[] multiply(u32[] %pid, u32[] %four)', 'at', piece=500)
+  assert half.kind == 'all-reduce'
