@@ -91,6 +91,16 @@ def table_rows(what: str, r: dict) -> list[tuple[str, str]]:
              ('lower bound', f"{_si(r['bound_ring_bytes'], 'B')} (any program of the stated "
                              f"ways): measured / bound {show(r['ratio_to_bound'])}"),
              ('memory/device', _memory(r['memory']))]
+    if r.get('bound_ways'):  # Runs of layers served the same way, in the bound's assignment.
+      runs = []
+      for name, ways in r['bound_ways']:
+        ways = '/'.join(ways)
+        if runs and runs[-1][2] == ways:
+          runs[-1][1] = name
+        else:
+          runs.append([name, name, ways])
+      rows.append(('bound ways', '; '.join(f'{a}..{b}: {w}' if a != b else f'{a}: {w}'
+                                           for a, b, w in runs)))
     if r['replicated_layers']:
       rows.append(('not split', ', '.join(f'layer {i} (depth {d})'
                                           for i, d in r['replicated_layers'])))

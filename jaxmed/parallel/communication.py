@@ -22,6 +22,9 @@ fsdp (ZeRO-3): a parameter sharded over fsdp is all-gathered once per step, befo
   forward pass, and kept for the backward pass; its gradient is reduce-scattered back to the
   shards: (n_f-1)/n_f of its bytes each, the same total as the data-parallel all-reduce, with
   parameters and optimizer state cut n_f times.
+Per stage (parallel/stages.py), the model axis may split the batch instead: the stage's layers
+  then cost what data parallelism does over data x model (kernels whole on each model device),
+  and entering it from a channel-split stage costs an all-to-all of the input each way.
 tensor (model, Megatron's pairing with channel-sharded residual stream): every activation
   between blocks is sharded on channels. A block's first convolution (and the projection
   shortcut that reads the same input) is column-parallel (kernel sharded on output channels):
