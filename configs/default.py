@@ -123,6 +123,10 @@ def get_config() -> ml_collections.ConfigDict:
       ('kernel_spatial', None),
       ('features', None),  # Dense/classifier features.
   )
+  # What the model axis does in each ResNet stage (stem, stage1..4, head): 'channels' or
+  # 'batch', comma-separated, or 'auto' (the cost model's choice: the fewest bytes per step;
+  # jaxmed/parallel/stages.py, README "Parallelism").
+  mesh.model_axis_by_stage = 'auto'
 
   # ---- training ---------------------------------------------------------------------------
   config.train = train = ml_collections.ConfigDict()

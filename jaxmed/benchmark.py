@@ -28,12 +28,14 @@ WHAT (each prints a short table and writes WORKDIR/benchmark_<what>.json):
               (models/resnet3d_torch.py; AMP bf16 + channels_last_3d + cudnn.benchmark on CUDA,
               float32 on CPU), same shapes and batch, same process; both and their ratio.
   comms       ring bytes per device per step of each collective kind in the compiled train
-              step's HLO for the configured mesh, beside the analytic minimum
-              (parallel/communication.py) and their ratio; per-device parameters, optimizer
-              state and temporaries (compiled.memory_analysis()). Compiles, never runs.
+              step's HLO for the configured mesh, beside the cost of jaxmed's scheme
+              (parallel/communication.py) and the lower bound over the ways any program could
+              serve each layer (parallel/bound.py), with the ratios; per-device parameters,
+              optimizer state and temporaries (compiled.memory_analysis()). Compiles, never
+              runs.
   meshes      comms for every shipped mesh config (mesh_8x1, mesh_2x4, mesh_1x8, fsdp_8,
-              spatial_2x4) with the seed's ResNet-18 (width 64, float32, batch 64) at each
-              of --crop_sizes: the README's parallelism and memory tables.
+              spatial_2x4) with the seed's ResNet-18 (width 64, batch 64) at each of
+              --crop_sizes and --dtypes: the README's parallelism and memory tables.
   checkpoint  save and restore seconds of the train state (checkpointing.Checkpointer).
   preprocess  seconds per LUNA16-sized scan per worker (benchmarks/preprocess.py).
   profile     a jax.profiler trace of a few train steps in WORKDIR/profile (TensorBoard /
@@ -78,6 +80,8 @@ _SECONDS = flags.DEFINE_float('seconds', 5.0, 'input, patches: seconds per measu
 _WORKERS = flags.DEFINE_string('workers', '', 'input, patches: comma-separated Grain worker counts '
                                '(default: 0 and config.data.workers).')
 _CROP_SIZES = flags.DEFINE_string('crop_sizes', '32,64', 'meshes: crop edges to compile for.')
+_DTYPES = flags.DEFINE_string('dtypes', 'float32', 'meshes: comma-separated compute dtypes '
+                              '(float32, bfloat16).')
 _CACHES = flags.DEFINE_string('caches', '', 'input: comma-separated crops caches to measure, of '
                               'none, host, device (default: config.data.cache).')
 _PEAK_SIZE = flags.DEFINE_integer('peak_size', 0, 'Matmul edge for the peak (0: 8192 on '
@@ -86,7 +90,8 @@ _PEAK_SIZE = flags.DEFINE_integer('peak_size', 0, 'Matmul edge for the peak (0: 
 
 def run(what: str, config, workdir: str, *, steps: int = 10, warmup: int = 3, repeats: int = 3,
         seconds: float = 5.0, workers: Sequence[int] = (), peak_size: int = 0,
-        crop_sizes: Sequence[int] = (32, 64), caches: Sequence[str] = ()) -> dict:
+        crop_sizes: Sequence[int] = (32, 64), caches: Sequence[str] = (),
+        dtypes: Sequence[str] = ('float32',)) -> dict:
   """Runs one benchmark, writes workdir/benchmark_<what>.json, prints its table; returns it."""
   os.makedirs(workdir, exist_ok=True)
   if what == 'step':
@@ -112,7 +117,7 @@ def run(what: str, config, workdir: str, *, steps: int = 10, warmup: int = 3, re
   elif what == 'comms':
     result = comms_bench.benchmark_comms(config)
   elif what == 'meshes':
-    result = comms_bench.benchmark_meshes(crop_sizes)
+    result = comms_bench.benchmark_meshes(crop_sizes, dtypes=tuple(dtypes))
   elif what == 'checkpoint':
     result = checkpoint_bench.benchmark_checkpoint(config, workdir, max(repeats, 1))
   elif what == 'preprocess':
@@ -157,7 +162,8 @@ def main(argv):
     run(_WHAT.value, config, workdir, steps=_STEPS.value, warmup=_WARMUP.value,
         repeats=_REPEATS.value, seconds=_SECONDS.value, workers=workers,
         peak_size=_PEAK_SIZE.value, caches=caches,
-        crop_sizes=tuple(int(c) for c in _CROP_SIZES.value.split(',') if c.strip()))
+        crop_sizes=tuple(int(c) for c in _CROP_SIZES.value.split(',') if c.strip()),
+        dtypes=tuple(d.strip() for d in _DTYPES.value.split(',') if d.strip()))
 
 
 if __name__ == '__main__':

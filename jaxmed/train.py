@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -33,6 +34,7 @@ from jaxmed.models import count_params
 from jaxmed.parallel import communication
 from jaxmed.parallel import mesh as mesh_lib
 from jaxmed.parallel import sharding as sharding_lib
+from jaxmed.parallel import stages
 # The optimizer and the steps live in jaxmed/steps.py; train.<name> reaches them as before.
 from jaxmed.steps import (learning_rate_schedule, make_optimizer, bce_loss, train_step, eval_step,
                           LOGGED_METRICS, new_loop_stats, zero_logged_sums, logged_means,
@@ -357,12 +359,41 @@ def create_mesh_and_rules(config) -> tuple[jax.sharding.Mesh, tuple]:
            if mesh.shape.get('spatial', 1) > 1 else None)
   if split:  # Which layers the spatial axis splits, and which fall back to replication, why.
     logging.info(split)
+  placed = stages.describe(rules)
+  if placed:  # What the model axis does in each stage.
+    logging.info(placed)
   return mesh, rules
 
 
-def logical_rules(config) -> tuple[tuple[str, Any], ...]:
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-               for name, axes in config.mesh.logical_rules)
+def logical_rules(config, mesh_shape: dict[str, int] | None = None) -> tuple[tuple[str, Any], ...]:
+  """config.mesh.logical_rules, plus the per-stage rules of config.mesh.model_axis_by_stage
+  ('auto': the cost model's choice for this model, crop, batch and mesh; parallel/stages.py).
+  mesh_shape: the mesh's axis sizes (default: config.mesh on all devices)."""
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in config.mesh.logical_rules)
+  strategies = stages.parse(config.mesh.get('model_axis_by_stage', 'auto'))
+  if mesh_shape is None:
+    try:
+      ici, dcn = mesh_lib.mesh_shape(config.mesh, jax.device_count())
+    except mesh_lib.MeshError:  # create_mesh reports it, in one line.
+      return rules
+    mesh_shape = {a: i * d for a, i, d in zip(mesh_lib.MESH_AXES, ici, dcn)}
+  if mesh_shape.get('model', 1) < 2:
+    return rules
+  if strategies is None and config.get('task', 'classify') != 'classify':
+    return rules  # 'auto' is the cost model of the classifier's ResNet stages; see README.
+  if strategies is None:
+    strategies = _cheapest_strategies(tuple(sorted(config.model.to_dict().items())),
+                                      config.data.crop_size,
+                                      config.train.global_batch_size,
+                                      tuple(sorted(mesh_shape.items())), rules)
+  return stages.with_strategies(rules, strategies)
+
+
+@functools.lru_cache(maxsize=16)
+def _cheapest_strategies(model_items, crop_size, batch, mesh_items, rules):
+  plan = communication_plan(dict(model_items), crop_size, batch)
+  return stages.choose(plan, dict(mesh_items), rules)[0]
 
 
 def _device_cache_reserve(config, step_fn, state, mesh, rules) -> int:

@@ -87,7 +87,9 @@ def test_comms_on_data_parallel_8x1_is_the_gradient_all_reduce(tmp_path):
   assert 0.98 <= result['ratio'] <= 1.05, result['ratio']
   measured = result['collectives']
   assert measured['all-gather']['ring_bytes'] < 0.01 * result['measured_ring_bytes']
-  assert result['minimum']['all-reduce'] == result['minimum_ring_bytes']
+  assert result['scheme']['all-reduce'] == result['scheme_ring_bytes']
+  # The lower bound holds for any program of the stated ways, jaxmed's scheme among them.
+  assert 0 < result['bound_ring_bytes'] <= result['scheme_ring_bytes']
   assert result['memory']['parameters'] > 0 and result['memory']['temporaries'] > 0
   assert os.path.exists(tmp_path / 'benchmark_comms.json')
 

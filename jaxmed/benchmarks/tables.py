@@ -80,26 +80,40 @@ def table_rows(what: str, r: dict) -> list[tuple[str, str]]:
              ('loop', f"log every {r['log_every_steps']} steps, at most "
                       f"{r['max_steps_in_flight']} steps in flight")]
   elif what == 'comms':
-    rows.append(('collective', 'measured ring bytes/device (ops) | analytic minimum'))
+    rows.append(('collective', "measured ring bytes/device (ops) | jaxmed's scheme"))
     for kind, c in r['collectives'].items():
-      if c['count'] or r['minimum'].get(kind):
+      if c['count'] or r['scheme'].get(kind):
         rows.append((kind, f"{_si(c['ring_bytes'], 'B')} ({c['count']}) | "
-                           f"{_si(r['minimum'].get(kind, 0), 'B')}"))
-    ratio = '-' if r['ratio'] is None else f"{r['ratio']:.3f}"
-    rows += [('total', f"{_si(r['measured_ring_bytes'], 'B')} | "
-                       f"{_si(r['minimum_ring_bytes'], 'B')}: ratio {ratio}"),
+                           f"{_si(r['scheme'].get(kind, 0), 'B')}"))
+    show = lambda x: '-' if x is None else f'{x:.3f}'
+    rows += [('total', f"measured {_si(r['measured_ring_bytes'], 'B')} | scheme "
+                       f"{_si(r['scheme_ring_bytes'], 'B')}: ratio {show(r['ratio'])}"),
+             ('lower bound', f"{_si(r['bound_ring_bytes'], 'B')} (any program of the stated "
+                             f"ways): measured / bound {show(r['ratio_to_bound'])}"),
              ('memory/device', _memory(r['memory']))]
+    if r.get('bound_ways'):  # Runs of layers served the same way, in the bound's assignment.
+      runs = []
+      for name, ways in r['bound_ways']:
+        ways = '/'.join(ways)
+        if runs and runs[-1][2] == ways:
+          runs[-1][1] = name
+        else:
+          runs.append([name, name, ways])
+      rows.append(('bound ways', '; '.join(f'{a}..{b}: {w}' if a != b else f'{a}: {w}'
+                                           for a, b, w in runs)))
     if r['replicated_layers']:
       rows.append(('not split', ', '.join(f'layer {i} (depth {d})'
                                           for i, d in r['replicated_layers'])))
   elif what == 'meshes':
-    rows.append(('mesh, crop', 'measured | minimum ring bytes/device/step: ratio; memory/device'))
+    rows.append(('mesh, crop, dtype', 'measured | scheme | bound ring bytes/device/step: '
+                                      'measured/scheme, measured/bound; memory/device'))
     for row in r['rows']:
-      ratio = '-' if row['ratio'] is None else f"{row['ratio']:.3f}"
-      rows.append((f"{row['config']} ({row['mesh']}) {row['crop_size']}^3",
+      show = lambda x: '-' if x is None else f'{x:.3f}'
+      rows.append((f"{row['config']} ({row['mesh']}) {row['crop_size']}^3 {row['dtype']}",
                    f"{_si(row['measured_ring_bytes'], 'B')} | "
-                   f"{_si(row['minimum_ring_bytes'], 'B')}: {ratio}; "
-                   f"{_memory(row['memory'])}"))
+                   f"{_si(row['scheme_ring_bytes'], 'B')} | "
+                   f"{_si(row['bound_ring_bytes'], 'B')}: {show(row['ratio'])}, "
+                   f"{show(row['ratio_to_bound'])}; {_memory(row['memory'])}"))
   elif what == 'checkpoint':
     rows += [('train state', _si(r['state_bytes'], 'B')),
              ('save', f"{r['save_s']:.2f} s to disk ({r['save_gb_per_s']:.2f} GB/s); "

@@ -40,7 +40,7 @@ from flax import nnx
 
 from jaxmed.errors import ConfigError
 from jaxmed.parallel import spatial
-from jaxmed.parallel.sharding import constrain, is_sharded
+from jaxmed.parallel.sharding import STAGE_KEY, constrain, in_stage, is_sharded
 from jaxmed.parallel.spatial import same_padding
 
 ACTIVATION_AXES = ('batch', 'depth', 'height', 'width', 'channels')
@@ -319,16 +319,33 @@ class ResNet3D(nnx.Module):
     channels = width * STAGE_MULTIPLIERS[-1]
     self.blocks = nnx.List(blocks)
     self.head = ClassifierHead(channels, **kw)
+    # Stage names (stem, stage1..4, head) on every variable: the config may place each stage
+    # differently (jaxmed/parallel/stages.py).
+    self.block_stages = tuple(f'stage{stage + 1}' for stage, count in
+                              enumerate(STAGE_BLOCKS[depth]) for _ in range(count))
+    for module, stage in [(self.stem_conv, 'stem'), (self.stem_norm, 'stem'),
+                          (self.head, 'head'), *zip(blocks, self.block_stages)]:
+      tag_stage(module, stage)
 
   def __call__(self, crops: jax.Array) -> jax.Array:
-    x = constrain(crops.astype(self.dtype), ACTIVATION_AXES)
-    x = nnx.relu(self.stem_norm(apply_conv(self.stem_conv, x, self.stem_space_to_depth)))
-    if self.stem_pool:
-      x = max_pool_same(x, 3, 2)
-    x = constrain(x, ACTIVATION_AXES)
-    for block in self.blocks:
-      x = block(x)
-    return self.head(x)
+    with in_stage('stem'):
+      x = constrain(crops.astype(self.dtype), ACTIVATION_AXES)
+      x = nnx.relu(self.stem_norm(apply_conv(self.stem_conv, x, self.stem_space_to_depth)))
+      if self.stem_pool:
+        x = max_pool_same(x, 3, 2)
+      x = constrain(x, ACTIVATION_AXES)
+    for block, stage in zip(self.blocks, self.block_stages):
+      with in_stage(stage):
+        x = block(x)
+    with in_stage('head'):
+      return self.head(constrain(x, ACTIVATION_AXES))
+
+
+def tag_stage(module: nnx.Module, stage: str) -> None:
+  """Names `stage` in the metadata of every variable of `module`."""
+  for _, value in nnx.iter_graph(module):
+    if isinstance(value, nnx.Variable):
+      value.set_metadata(**{STAGE_KEY: stage})
 
 
 def block_plan(depth: int, width: int) -> list[tuple[int, int, int, bool]]:

@@ -1,5 +1,7 @@
-"""Parallelism: the device mesh (mesh.py), logical-axis -> mesh placement (sharding.py), and
-collective accounting of compiled steps (collectives.py)."""
+"""Parallelism: the device mesh (mesh.py), logical-axis -> mesh placement (sharding.py), what
+the model axis does per model stage (stages.py), spatial halos (spatial.py), collective
+accounting of compiled steps (collectives.py), the scheme's cost (communication.py) and the
+lower bound over the ways any program could serve each layer (bound.py)."""
 
 from jaxmed.parallel.mesh import MESH_AXES, MeshError, check_batch_divisible, create_mesh
 from jaxmed.parallel.sharding import (

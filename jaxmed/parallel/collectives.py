@@ -13,7 +13,10 @@ replica groups, and the bytes that cross each device's links when the collective
 XLA:CPU has no reduce-scatter: a reduction whose result is sharded compiles to an all-reduce
 whose every user takes a 1/g dynamic slice of it (GPU and TPU pipelines turn exactly that pattern
 into a reduce-scatter). Such an all-reduce is counted as the reduce-scatter it stands for, with
-`from_pattern=True`, at reduce-scatter ring bytes. Counts are per execution of the module (one
+`from_pattern=True`, at reduce-scatter ring bytes, and only when it is that pattern strictly:
+every user reads nothing but dynamic slices of exactly 1/g of it, whose offsets are computed
+from the device's own partition (or replica) id, so that the g devices' pieces differ and
+together cover the result. Slices at one fixed offset keep it an all-reduce. Counts are per execution of the module (one
 step); loops are not unrolled; an async pair (-start / -done) is counted once.
 """
 
@@ -116,13 +119,46 @@ def _computations(hlo_text: str) -> dict[str, str]:
   return bodies
 
 
+def _from_device_id(names: list[str], defs: dict[str, _Instruction],
+                    outer: tuple[_Instruction, dict[str, _Instruction]] | None = None) -> bool:
+  """Whether any of the values `names` (in `defs`) is computed from partition-id or
+  replica-id. Inside a fusion body, `outer` = (the fusion, the module's instructions): a
+  parameter of the body is followed to the fusion's operand."""
+  seen, todo = set(), list(names)
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    instruction = defs.get(name)
+    if instruction is None:
+      continue
+    if instruction.op in ('partition-id', 'replica-id'):
+      return True
+    if instruction.op == 'parameter' and outer is not None:
+      fusion, module = outer
+      index = int(instruction.attrs_operand.strip() or -1)
+      if 0 <= index < len(fusion.operands) and _from_device_id([fusion.operands[index]],
+                                                                module):
+        return True
+      continue
+    todo.extend(instruction.operands)
+  return False
+
+
+def _is_piece(shape: str, piece: float) -> bool:
+  return abs(_shape_bytes(shape) - piece) <= piece * 1e-4
+
+
 def _sliced_in_fusion(user: _Instruction, operand: str, piece: float,
-                      bodies: dict[str, str]) -> bool:
-  """Whether fusion `user` reads its operand `operand` only through dynamic slices <= piece."""
+                      bodies: dict[str, str], module: dict[str, _Instruction]) -> bool:
+  """Whether fusion `user` reads its operand `operand` only through dynamic slices of `piece`
+  bytes at offsets computed from the device's id."""
   called = re.search(r'calls=%?([\w.\-]+)', user.attrs)
   body = bodies.get(called.group(1), '') if called else ''
   positions = [i for i, name in enumerate(user.operands) if name == operand]
   inner = _instructions(body)
+  defs = {i.name: i for i in inner}
   for position in positions:
     parameter = next((i.name for i in inner if i.op == 'parameter'
                       and re.match(rf'\s*{position}\s*$', i.attrs_operand or '')), None)
@@ -130,23 +166,27 @@ def _sliced_in_fusion(user: _Instruction, operand: str, piece: float,
       return False
     readers = [i for i in inner if parameter in i.operands]
     if not readers or any(i.op != 'dynamic-slice' or i.operands[0] != parameter
-                          or _shape_bytes(i.shape) > piece * 1.0001 for i in readers):
+                          or not _is_piece(i.shape, piece)
+                          or not _from_device_id(i.operands[1:], defs, (user, module))
+                          for i in readers):
       return False
   return bool(positions)
 
 
 def _slices_only(size: int, users: list[tuple[_Instruction, str]], group: int,
-                 bodies: dict[str, str]) -> bool:
-  """Whether every (user, operand name) reads only a 1/group dynamic slice of a `size`-byte
-  result: a dynamic-slice, or a fusion whose parameter feeds only dynamic slices."""
+                 bodies: dict[str, str], module: dict[str, _Instruction]) -> bool:
+  """Whether every (user, operand name) reads only this device's 1/group dynamic slice of a
+  `size`-byte result: a dynamic-slice, or a fusion whose parameter feeds only such slices
+  (module docstring)."""
   if group < 2 or not users:
     return False
   piece = size / group
   for user, operand in users:
     if user.op == 'dynamic-slice':
-      if user.operands[0] != operand or _shape_bytes(user.shape) > piece * 1.0001:
+      if (user.operands[0] != operand or not _is_piece(user.shape, piece)
+          or not _from_device_id(user.operands[1:], module)):
         return False
-    elif user.op != 'fusion' or not _sliced_in_fusion(user, operand, piece, bodies):
+    elif user.op != 'fusion' or not _sliced_in_fusion(user, operand, piece, bodies, module):
       return False
   return True
 
@@ -187,7 +227,7 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
     for operand in instruction.operands:
       users.setdefault(operand, []).append(instruction)
   bodies = _computations(hlo_text)
-  starts = {i.name: i for i in instructions}
+  starts = module = {i.name: i for i in instructions}
   found = []
   for instruction in instructions:
     op, attrs, shape = instruction.op, instruction.attrs, instruction.shape
@@ -207,7 +247,8 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
       name = instruction.name if len(elements) == 1 else f'{instruction.name}[{index}]'
       kind, from_pattern = op, False
       if op == 'all-reduce' and _slices_only(
-          size, _element_users(instruction, users, index, len(elements)), group, bodies):
+          size, _element_users(instruction, users, index, len(elements)), group, bodies,
+          module):
         kind, from_pattern = 'reduce-scatter', True
         ring = (group - 1) / group * size
       elif op == 'all-reduce':

@@ -15,6 +15,11 @@ Resolution rules (the same for parameters, optimizer state, inputs and activatio
 
 Activations are constrained with `constrain(x, logical_axes)`: a no-op unless `use_rules(mesh,
 rules)` is active, so models run unsharded in plain code and tests.
+
+Stages: a model may name the stages of its network (a variable's 'stage' metadata, and
+`in_stage(name)` around the stage's forward pass). A rule named 'STAGE/NAME' replaces the rule
+for NAME inside that stage only, for its activations and its variables alike; so the config can
+say, stage by stage, what a mesh axis does (parallel/stages.py writes such rules).
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ def _rules_dict(rules: LogicalRules | Mapping[str, Any]) -> dict[str, tuple[str,
       axes = tuple(target)
     normalised[str(name)] = axes
   return normalised
+
+
+def rules_dict(rules: LogicalRules | Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+  """{logical name: tuple of mesh axes} of `rules` (config.mesh.logical_rules form)."""
+  return _rules_dict(rules)
 
 
 def _axis_sizes(mesh: Mesh | jax.sharding.AbstractMesh) -> dict[str, int]:
@@ -123,11 +133,33 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules, ndim: int) -> NamedSharding:
   return logical_sharding(('batch',) + (None,) * (ndim - 1), mesh, rules)
 
 
+# Variable metadata key holding the name of the model stage a variable belongs to.
+STAGE_KEY = 'stage'
+
+
+def stage_rules(rules: LogicalRules, stage: str | None) -> LogicalRules:
+  """`rules` as they apply inside `stage`: an entry 'stage/name' replaces the entry 'name'.
+
+  The stage entries themselves are kept, so the result resolves any other stage as well.
+  """
+  if not stage:
+    return rules
+  items = list(_rules_dict(rules).items())
+  prefix = f'{stage}/'
+  overrides = {name[len(prefix):]: axes for name, axes in items if name.startswith(prefix)}
+  if not overrides:
+    return rules
+  known = {name for name, _ in items}
+  return (tuple((name, overrides.get(name, axes)) for name, axes in items)
+          + tuple((name, axes) for name, axes in overrides.items() if name not in known))
+
+
 def _variable_spec(variable: nnx.Variable, mesh: Mesh, rules: LogicalRules) -> PartitionSpec:
   shape = getattr(variable.get_value(), 'shape', ())
   logical_axes = variable.get_metadata().get(LOGICAL_AXES_KEY)
   if not logical_axes or len(shape) == 0:
     return PartitionSpec()
+  rules = stage_rules(rules, variable.get_metadata().get(STAGE_KEY))
   return logical_to_spec(tuple(logical_axes), mesh, rules, shape)
 
 
@@ -167,6 +199,18 @@ def use_rules(mesh: Mesh, rules: LogicalRules) -> Iterator[None]:
     yield
 
 
+@contextlib.contextmanager
+def in_stage(stage: str) -> Iterator[None]:
+  """Inside it, `constrain` resolves names by the rules of `stage` (stage_rules). A no-op
+  outside use_rules. Enter it at trace time, around the stage's forward pass."""
+  rules = current_rules()
+  if not rules:
+    yield
+    return
+  with flax_spmd.logical_axis_rules(stage_rules(rules, stage)):
+    yield
+
+
 def current_rules() -> LogicalRules:
   """The logical rules of the innermost use_rules (empty outside it)."""
   return tuple(flax_spmd.get_logical_axis_rules())
@@ -190,27 +234,30 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes,
   reduce-scattered onto channel shards forward, and its gradient all-gathered once backward
   for both uses (the input and the kernel gradient) rather than once per use.
   """
-  if cotangent_axes is not None:
-    return _constrain_both_ways(x, tuple(logical_axes), tuple(cotangent_axes))
   rules = current_rules()
   mesh = jax.sharding.get_abstract_mesh()
   if not rules or mesh.empty:
     return x
-  spec = logical_to_spec(logical_axes, mesh, rules, x.shape)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  sharding = NamedSharding(mesh, logical_to_spec(logical_axes, mesh, rules, x.shape))
+  if cotangent_axes is not None:
+    # Resolved now, under the rules in force here (a stage's): the backward pass is traced
+    # after this function's stage scope has closed.
+    cotangent = NamedSharding(mesh, logical_to_spec(cotangent_axes, mesh, rules, x.shape))
+    return _constrain_both_ways(x, sharding, cotangent)
+  return jax.lax.with_sharding_constraint(x, sharding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _constrain_both_ways(x, logical_axes, cotangent_axes):
-  return constrain(x, logical_axes)
+def _constrain_both_ways(x, sharding, cotangent_sharding):
+  return jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _constrain_both_ways_fwd(x, logical_axes, cotangent_axes):
-  return constrain(x, logical_axes), None
+def _constrain_both_ways_fwd(x, sharding, cotangent_sharding):
+  return jax.lax.with_sharding_constraint(x, sharding), None
 
 
-def _constrain_both_ways_bwd(logical_axes, cotangent_axes, _, cotangent):
-  return (constrain(cotangent, cotangent_axes),)
+def _constrain_both_ways_bwd(sharding, cotangent_sharding, _, cotangent):
+  return (jax.lax.with_sharding_constraint(cotangent, cotangent_sharding),)
 
 
 _constrain_both_ways.defvjp(_constrain_both_ways_fwd, _constrain_both_ways_bwd)
@@ -218,15 +265,10 @@ _constrain_both_ways.defvjp(_constrain_both_ways_fwd, _constrain_both_ways_bwd)
 
 def _constrain_variables(tree: Any, drop_batch_axes: bool) -> Any:
   """Constrains every Variable of `tree` that a batch mesh axis shards (module doc of callers)."""
-  rules = current_rules()
+  all_rules = current_rules()
   mesh = jax.sharding.get_abstract_mesh()
-  if not rules or mesh.empty:
+  if not all_rules or mesh.empty:
     return tree
-  batch_axes = set(mesh_axes_for('batch', mesh, rules))
-  if not batch_axes:
-    return tree
-  compute_rules = tuple((name, tuple(a for a in axes if a not in batch_axes))
-                        for name, axes in _rules_dict(rules).items())
 
   def constrain_variable(variable):
     if not isinstance(variable, nnx.Variable):
@@ -235,6 +277,12 @@ def _constrain_variables(tree: Any, drop_batch_axes: bool) -> Any:
     axes = variable.get_metadata().get(LOGICAL_AXES_KEY)
     if not axes or not getattr(value, 'ndim', 0):
       return variable
+    rules = stage_rules(all_rules, variable.get_metadata().get(STAGE_KEY))
+    batch_axes = set(mesh_axes_for('batch', mesh, rules))
+    if not batch_axes:
+      return variable
+    compute_rules = tuple((name, tuple(a for a in axes if a not in batch_axes))
+                          for name, axes in _rules_dict(rules).items())
     spec = logical_to_spec(tuple(axes), mesh, rules, value.shape)
     if not batch_axes & {a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))}:
       return variable
