@@ -30,7 +30,7 @@ from jaxmed import checkpointing
 from jaxmed import reporting
 from jaxmed import tasks
 from jaxmed.errors import UserError
-from jaxmed.models import count_params
+from jaxmed.models import communication_plan, count_params
 from jaxmed.parallel import communication
 from jaxmed.parallel import mesh as mesh_lib
 from jaxmed.parallel import sharding as sharding_lib
