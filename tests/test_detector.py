@@ -57,10 +57,23 @@ def synthetic_batch(step: int, config) -> dict[str, np.ndarray]:
 # ---- the model --------------------------------------------------------------------------------
 
 
+_INITIAL = {}
+
+
+def initial_train_state():
+  """(graphdef, state) of the detect train state, initialised once on one device: XLA:CPU takes
+  long to compile the initialisers, and initialisation depends on the seed only, not the mesh."""
+  if not _INITIAL:
+    config = detect_config()
+    mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:1])
+    graphdef, state, _ = train.init_sharded_state(config, mesh, train.logical_rules(config))
+    _INITIAL.update(graphdef=graphdef, state=jax.device_get(state))  # Host copy: steps donate.
+  return _INITIAL['graphdef'], _INITIAL['state']
+
+
 def test_outputs_are_maps_at_the_output_stride_starting_at_the_prior():
-  config = detect_config()
-  graphdef, state = nnx.split(create_model(config.model, rngs=nnx.Rngs(0), output_stride=4))
-  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  graphdef, state = initial_train_state()
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state).model(x))
   outputs = forward(state, jnp.full((2, 16, 32, 48, 1), 0.2))
   assert outputs['heatmap'].shape == (2, 4, 8, 12)
   assert outputs['log_diameter'].shape == (2, 4, 8, 12)
@@ -144,7 +157,8 @@ def run_steps(name):
   rules = train.logical_rules(config)
   losses = []
   with sharding_lib.use_rules(mesh, rules):
-    graphdef, state, shardings = train.init_sharded_state(config, mesh, rules)
+    graphdef, _, shardings = train.abstract_train_state(config, mesh, rules)
+    state = jax.device_put(initial_train_state()[1], shardings)
     step_fn = train.make_train_step(graphdef, shardings, config)
     leaves, stats = jax.tree.leaves(state), train.new_loop_stats(mesh, 0)
     placement = {k: v.sharding for k, v in detect.abstract_batch(config, mesh, rules).items()}
@@ -157,6 +171,7 @@ def run_steps(name):
   return _RUNS[name]
 
 
+@pytest.mark.slow  # 5 compilations of the step: minutes on 2 cores shared with other jobs.
 @pytest.mark.parametrize('name', [m for m in MESHES if m != 'one_device'])
 def test_every_detector_mesh_gives_one_devices_losses(name):
   losses, patch_spec = run_steps(name)
