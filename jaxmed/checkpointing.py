@@ -235,3 +235,24 @@ class Checkpointer:
       self._previous_handler = None
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def saved_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """(the config a checkpoint was written with, as a dict; its step) of workdir's checkpoint at
+  `step` (default: latest). Raises CheckpointError when workdir holds none."""
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    raise CheckpointError(f'no checkpoint in {directory}; train that run first or pass the '
+                          'workdir of a trained one')
+  manager = ocp.CheckpointManager(directory, item_names=('state', 'config', 'data_stream'))
+  try:
+    steps = list(manager.all_steps())
+    chosen = manager.latest_step() if step is None or step < 0 else step
+    if chosen is None or chosen not in steps:
+      raise CheckpointError(f'no checkpoint at step {chosen} in {directory} (available: '
+                            f'{steps or "none"}); train first or pick one of them')
+    config = manager.restore(chosen, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))['config']
+  finally:
+    manager.close()
+  return config, chosen
