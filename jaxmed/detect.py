@@ -70,12 +70,16 @@ def restore_detector(config: ml_collections.ConfigDict, workdir: str, mesh, rule
   """(graphdef, state, shardings, step) of the detector in workdir, placed on `mesh`: the one
   place detection restores its model (train.restore_for_eval with the detect config's model).
   Raises CheckpointError (one line) when workdir holds no checkpoint. Call inside use_rules."""
+  check_detector_checkpoint(workdir)
+  return train.restore_for_eval(config, workdir, mesh, rules)
+
+
+def check_detector_checkpoint(workdir: str) -> None:
   checkpoints = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
     raise checkpointing.CheckpointError(
         f'no detector checkpoint in {checkpoints}; train one first (--mode=train with a detect '
         'config, e.g. configs/detect.py) or pass the --workdir of a trained detector')
-  return train.restore_for_eval(config, workdir, mesh, rules)
 
 
 def volume_detector(config, graphdef, state, shardings, mesh, rules
@@ -138,6 +142,10 @@ def detect_scans(config: ml_collections.ConfigDict, scans: list[tuple[str, Calla
     maps, plan = detector([v.hu for v in volumes])
     for (uid, _), image, volume, scan_maps in zip(chunk, images, volumes, maps):
       found = peaks.to_numpy(find({k: v[None] for k, v in scan_maps.items()}))[0]
+      # A centre decoded past the last voxel (a cell's offset in the padding) is clamped back:
+      # the scan ends there.
+      inside = np.clip(found.center_zyx, 0, np.asarray(volume.hu.shape) - 1)
+      found = dataclasses.replace(found, center_zyx=inside)
       world = volume.voxel_to_world(found.center_zyx)
       classified = (classifier.score(image, world) if classifier is not None else None)
       probability = rescoring.combine(found.score, classified, config.detect.combine)
@@ -215,11 +223,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, scans: list[tuple[str, 
   """Detections (re-scored where detect.classifier_workdir is set) of `scans`; (list, step).
   Every check that can fail on a user's input runs before the first scan is read."""
   check_settings(config)
+  check_detector_checkpoint(workdir)
+  classifier_config = (rescoring.classifier_config(config) if config.detect.classifier_workdir
+                       else None)
   mesh, rules = train.create_mesh_and_rules(config)
   with sharding_lib.use_rules(mesh, rules):
     graphdef, state, shardings, step = restore_detector(config, workdir, mesh, rules)
-    classifier = (rescoring.Classifier(config, mesh, rules)
-                  if config.detect.classifier_workdir else None)
+    classifier = (rescoring.Classifier(config, classifier_config, mesh, rules)
+                  if classifier_config is not None else None)
     detector = volume_detector(config, graphdef, state, shardings, mesh, rules)
     return detect_scans(config, scans, detector, classifier, montage_size), step
 

@@ -87,10 +87,11 @@ class Classifier:
   """The restored crop classifier on `mesh`: score(image, centers_world) -> probabilities.
   Build it inside sharding.use_rules(mesh, rules)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh, rules):
+  def __init__(self, config: ml_collections.ConfigDict, classifier: ml_collections.ConfigDict,
+               mesh, rules):
     self.config = config
     self.workdir = config.detect.classifier_workdir
-    self.classifier_config = classifier_config(config)
+    self.classifier_config = classifier  # classifier_config(config)
     graphdef, self.state, shardings, self.step = train.restore_for_eval(
         self.classifier_config, self.workdir, mesh, rules)
     self.eval_fn = train.make_eval_step(graphdef, shardings, mesh, self.classifier_config)
