@@ -219,9 +219,12 @@ def find_new_scans(config: ml_collections.ConfigDict) -> list[tuple[str, Callabl
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, scans: list[tuple[str, Callable]],
-        montage_size: int = 0) -> tuple[list[ScanDetections], int]:
-  """Detections (re-scored where detect.classifier_workdir is set) of `scans`; (list, step).
-  Every check that can fail on a user's input runs before the first scan is read."""
+        montage_size: int = 0, then: Callable | None = None
+        ) -> tuple[list[ScanDetections], int, Any]:
+  """Detections (re-scored where detect.classifier_workdir is set) of `scans`: (list, step,
+  then(classifier) or None), `then` called on the mesh after the scans (the classifier is None
+  without detect.classifier_workdir). Every check that can fail on a user's input runs before
+  the first scan is read."""
   check_settings(config)
   check_detector_checkpoint(workdir)
   classifier_config = (rescoring.classifier_config(config) if config.detect.classifier_workdir
@@ -232,7 +235,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, scans: list[tuple[str, 
     classifier = (rescoring.Classifier(config, classifier_config, mesh, rules)
                   if classifier_config is not None else None)
     detector = volume_detector(config, graphdef, state, shardings, mesh, rules)
-    return detect_scans(config, scans, detector, classifier, montage_size), step
+    found = detect_scans(config, scans, detector, classifier, montage_size)
+    return found, step, then(classifier) if then is not None else None
 
 
 def detect(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -244,7 +248,7 @@ def detect(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = time.perf_counter()
   check_settings(config)
   scans = find_new_scans(config)
-  found, step = run(config, workdir, scans, max(int(config.predict.montage_size), 0))
+  found, step, _ = run(config, workdir, scans, max(int(config.predict.montage_size), 0))
   out_dir = output_dir(config, workdir)
   csv_path = os.path.join(out_dir, 'detections.csv')
   if jax.process_index() == 0:
@@ -267,7 +271,7 @@ def predict_without_candidates(config: ml_collections.ConfigDict, workdir: str,
   start = time.perf_counter()
   check_settings(config)
   scans = find_new_scans(config)
-  found, step = run(config, workdir, scans, max(int(config.predict.montage_size), 0))
+  found, step, _ = run(config, workdir, scans, max(int(config.predict.montage_size), 0))
   csv_path = os.path.join(out_dir, 'predictions.csv')
   if jax.process_index() == 0:
     write_montages(out_dir, found)

@@ -13,6 +13,9 @@ from flax import nnx
 from conftest import apply_overrides, cli_overrides, run_main
 from jaxmed import checkpointing
 from jaxmed import detect
+from jaxmed import evaluate as classify_evaluate
+from jaxmed.detection import evaluation as detect_evaluation
+from jaxmed.detection import rescoring
 from jaxmed import predict
 from jaxmed import train
 from jaxmed.errors import ConfigError, UserError
@@ -59,7 +62,9 @@ def setup(tmp_path_factory):
   """(detect config, detector workdir, classifier config, classifier workdir, root)."""
   from configs import default
   root = tmp_path_factory.mktemp('detect')
-  base = apply_overrides(default.get_config(), {**SCANS, 'data.raw_dir': str(root / 'raw')})
+  base = apply_overrides(default.get_config(), {**SCANS, 'data.raw_dir': str(root / 'raw'),
+                                                'data.crops_file': str(root / 'crops.h5'),
+                                                'data.test_subsets': (0,)})
   synthetic.synthesize(base)
   classifier = apply_overrides(base.copy_and_resolve_references(), CLASSIFIER)
   config = apply_overrides(base.copy_and_resolve_references(), DETECT)
@@ -145,6 +150,26 @@ def test_rescoring_scores_each_detection_as_predict_scores_that_candidate(setup,
   theirs = np.array([float(r['probability']) for r in scored])
   assert np.ptp(theirs) > 1e-4  # The classifier tells the crops apart: the test can fail.
   np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def test_eval_of_a_detect_config_scores_detection_fpr_and_the_baseline(setup):
+  config, workdir, classifier, classifier_workdir, _ = setup
+  config = config.copy_and_resolve_references()
+  config.detect.classifier_workdir = classifier_workdir
+  metrics = detect_evaluation.evaluate(config, workdir)
+  assert metrics['scans'] == 3 and metrics['detections'] == 15 and metrics['nodules'] >= 3
+  for key in ('cpm_detection', 'cpm_detection_fpr', 'cpm_baseline', 'recall_at_8',
+              'recall_at_32', 'recall_at_100', *(f'cpm_{r}' for r in rescoring.COMBINE_RULES)):
+    assert 0.0 <= metrics[key] <= 1.0, key
+  assert metrics['cpm_detector'] == metrics['cpm_detection']
+  assert metrics['cpm_detection_fpr'] == metrics['cpm_product'] == metrics['cpm']
+  assert os.path.getsize(os.path.join(workdir, 'froc_detect.png')) > 10_000
+  assert len(_read(os.path.join(workdir, 'predictions.csv'))) == 15
+  # The baseline is what --mode=eval of the classifier itself reports.
+  plain = classifier.copy_and_resolve_references()
+  plain.mesh = config.mesh
+  plain.eval.bootstrap_samples = 10
+  assert classify_evaluate.evaluate(plain, classifier_workdir)['cpm'] == metrics['cpm_baseline']
 
 
 # ---- bad inputs: one line, nothing written ------------------------------------------------------
