@@ -3,8 +3,8 @@
 One synthetic scan of data.synthetic.shape_xyz (default here 512 x 512 x 260 voxels at the
 synthetic spacings, about 360^3 at 1 mm once resampled) goes through detection/inference.py's
 VolumeDetector with config.model (an untrained detector: speed and memory do not depend on the
-weights) on data 1 x spatial n for n = 1, 2, 4, 8, then as windows along depth on spatial 8
-(detect.max_voxels_per_device set to a quarter of that mesh's slab). For each: compile seconds,
+weights) on data 1 x spatial n for n = 1, 2, 4, 8, then as windows along depth
+on one device (windows just deep enough for twice the receptive field plus a core). For each: compile seconds,
 seconds per scan (median of --repeats after one warm-up), the compiled program's per-device
 bytes (arguments + outputs + temporaries, from memory_analysis) and its FLOPs (cost_analysis).
 The H200 line is a PROJECTION, not a measurement: FLOPs / 70 TFLOP/s (the rate the seed's 3D
@@ -50,7 +50,7 @@ def _scan(config: ml_collections.ConfigDict, workdir: str) -> resample.Volume:
   return resample.resample_scan(luna16.read_scan(path), config.detect.spacing_mm)
 
 
-def _row(config, state_host, graphdef, volume, spatial: int, max_voxels: int,
+def _row(config, state_host, graphdef, volume, spatial: int, windowed: bool,
          repeats: int) -> dict[str, Any]:
   cfg = config.copy_and_resolve_references()
   cfg.mesh.ici_data, cfg.mesh.ici_fsdp, cfg.mesh.ici_model = 1, 1, 1
@@ -63,7 +63,12 @@ def _row(config, state_host, graphdef, volume, spatial: int, max_voxels: int,
     detector = inference.VolumeDetector(
         inference.model_apply_from(graphdef), state, shardings, mesh, rules,
         size_divisor=detector3d.size_divisor(cfg.model, cfg.detect.stride),
-        stride=cfg.detect.stride, hu_window=cfg.data.hu_window, max_voxels_per_device=max_voxels)
+        stride=cfg.detect.stride, hu_window=cfg.data.hu_window)
+    if windowed:  # The shallowest windows that still cover the receptive field exactly.
+      multiple = detector.size_divisor * spatial
+      depth = inference.round_up(2 * detector.overlap + multiple, multiple)
+      padded = [inference.round_up(n, detector.size_divisor) for n in volume.shape[1:]]
+      detector.max_voxels = depth // spatial * padded[0] * padded[1]
     t0 = time.perf_counter()
     plan = detector.plan([volume.shape])
     shape = (1, plan.window_depth) + plan.padded_shape[1:]
@@ -102,10 +107,10 @@ def benchmark_detect_scale(config: ml_collections.ConfigDict, workdir: str,
   rows = []
   for spatial in spatial_sizes:
     if spatial <= jax.device_count():
-      rows.append(_row(config, state_host, graphdef, volume, spatial, 0, repeats))
-  last = rows[-1]
-  rows.append(_row(config, state_host, graphdef, volume, int(last['mesh'].split()[-1]),
-                   last['slab_voxels'] // 4, repeats))
+      rows.append(_row(config, state_host, graphdef, volume, spatial, False, repeats))
+  # Windows where they fit: one device (on more, depth multiples of size_divisor x devices
+  # plus twice the receptive field can exceed a LUNA16 scan's depth).
+  rows.append(_row(config, state_host, graphdef, volume, 1, True, repeats))
   # FLOPs of the whole scan from the unsplit program (XLA counts a split one per device).
   whole = rows[0]['flops_per_scan']
   for row in rows:
