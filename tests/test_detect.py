@@ -16,6 +16,8 @@ from jaxmed import detect
 from jaxmed import evaluate as classify_evaluate
 from jaxmed.detection import evaluation as detect_evaluation
 from jaxmed.detection import rescoring
+from jaxmed.detection import validation
+from jaxmed.parallel import sharding as sharding_lib
 from jaxmed import predict
 from jaxmed import train
 from jaxmed.errors import ConfigError, UserError
@@ -165,6 +167,22 @@ def test_eval_of_a_detect_config_scores_detection_fpr_and_the_baseline(setup):
   assert metrics['cpm_detection_fpr'] == metrics['cpm_product'] == metrics['cpm']
   assert os.path.getsize(os.path.join(workdir, 'froc_detect.png')) > 10_000
   assert len(_read(os.path.join(workdir, 'predictions.csv'))) == 15
+  # The detect task's validation over the same scans (as Volumes) gives detection's numbers.
+  mesh, rules = train.create_mesh_and_rules(config)
+  annotations = luna16.read_annotations(os.path.join(config.data.raw_dir, 'annotations.csv'))
+  volumes = []
+  for uid, read in detect_evaluation.test_scans(config):
+    mine = annotations['seriesuid'] == uid
+    table = np.stack([annotations[c][mine] for c in ('coordX', 'coordY', 'coordZ',
+                                                     'diameter_mm')], 1)
+    volumes.append((uid, resample.resample_scan(read(), config.detect.spacing_mm), table))
+  with sharding_lib.use_rules(mesh, rules):
+    graphdef, state, shardings, _ = detect.restore_detector(config, workdir, mesh, rules)
+    detector = detect.volume_detector(config, graphdef, state, shardings, mesh, rules)
+    validated = validation.validate_volumes(detector, detect._peaks_fn(config), volumes)
+  assert validated['scans'] == 3
+  assert validated['cpm'] == pytest.approx(metrics['cpm_detection'], abs=1e-9)
+  assert validated['recall_at_32'] == pytest.approx(metrics['recall_at_32'], abs=1e-9)
   # The baseline is what --mode=eval of the classifier itself reports.
   plain = classifier.copy_and_resolve_references()
   plain.mesh = config.mesh

@@ -30,6 +30,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxmed.data import augment
 from jaxmed.errors import ConfigError
 from jaxmed.parallel import mesh as mesh_lib
 from jaxmed.parallel import sharding as sharding_lib
@@ -44,9 +45,8 @@ ModelApply = Callable[[Any, jax.Array], dict[str, jax.Array]]
 
 
 def hu_to_unit(hu: jax.Array, hu_window) -> jax.Array:
-  """(B, D, H, W) HU -> (B, D, H, W, 1) float32 in [0, 1] (hu_window mapped linearly, clipped)."""
-  low, high = (float(v) for v in hu_window)
-  return jnp.clip((hu.astype(jnp.float32) - low) / (high - low), 0.0, 1.0)[..., None]
+  """(B, D, H, W) HU -> (B, D, H, W, 1) float32 in [0, 1], as training sees its inputs."""
+  return augment.hu_to_unit(hu, hu_window)[..., None]
 
 
 def round_up(n: int, multiple: int) -> int:
