@@ -40,6 +40,9 @@ WHAT (each prints a short table and writes WORKDIR/benchmark_<what>.json):
   preprocess  seconds per LUNA16-sized scan per worker (benchmarks/preprocess.py).
   profile     a jax.profiler trace of a few train steps in WORKDIR/profile (TensorBoard /
               Perfetto), after warm-up.
+  detect_scale  whole-scan detection of a LUNA16-size synthetic scan (about 360^3 at 1 mm) on
+              data 1 x spatial 1, 2, 4, 8 and as windows: seconds per scan, per-device bytes of
+              the compiled program, and an H200 projection from FLOPs (benchmarks/detect_scale.py).
   summary     one table (and a README line) from every benchmark_*.json under --workdir.
 
 The default workdir is workdirs/<config.name>. Figures are medians of --repeats timed runs of
@@ -67,8 +70,8 @@ from jaxmed.benchmarks import preprocess as preprocess_bench
 from jaxmed.benchmarks import step as step_bench
 from jaxmed.benchmarks import tables
 
-WHATS = ('step', 'input', 'patches', 'e2e', 'loop', 'compare', 'comms', 'meshes', 'checkpoint', 'preprocess',
-         'profile', 'summary')
+WHATS = ('step', 'input', 'patches', 'e2e', 'loop', 'compare', 'comms', 'meshes', 'checkpoint',
+         'preprocess', 'profile', 'detect_scale', 'summary')
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the JSON goes (default workdirs/<name>).')
@@ -122,6 +125,9 @@ def run(what: str, config, workdir: str, *, steps: int = 10, warmup: int = 3, re
     result = checkpoint_bench.benchmark_checkpoint(config, workdir, max(repeats, 1))
   elif what == 'preprocess':
     result = preprocess_bench.benchmark_preprocess(config)
+  elif what == 'detect_scale':
+    from jaxmed.benchmarks import detect_scale  # The detector: only when asked.
+    result = detect_scale.benchmark_detect_scale(config, workdir, max(repeats, 1))
   elif what == 'profile':
     result = step_bench.benchmark_profile(config, workdir, max(steps // 2, 1), warmup)
   else:
@@ -151,7 +157,7 @@ def main(argv):
   if _WHAT.value == 'compare':
     # JAX and PyTorch share the accelerator: keep JAX from taking 75% of its memory up front.
     os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.45')
-  if _WHAT.value == 'meshes' and not config.distributed.cpu_devices:
+  if _WHAT.value in ('meshes', 'detect_scale') and not config.distributed.cpu_devices:
     config.distributed.cpu_devices = 8  # The shipped meshes span 8 devices.
   from jaxmed.errors import exit_with_one_line
   from jaxmed.parallel import distributed

@@ -43,6 +43,10 @@ from absl import logging
 from jaxmed import files
 from jaxmed.errors import UserError
 
+# The named items of one checkpoint step.
+ITEM_NAMES = ('state', 'config', 'data_stream', 'logged_sums')
+
+
 class CheckpointError(UserError):
   """A checkpoint that cannot be restored into the current config."""
 
@@ -190,8 +194,7 @@ class Checkpointer:
         should_save_fn=self._due if training else None,
         create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'config', 'data_stream',
-                                                                      'logged_sums'))
+                                          item_names=ITEM_NAMES)
 
   def _on_sigterm(self, signum, frame):
     # Only a flag: a second SIGTERM during the final save cannot interrupt (and corrupt) it.
@@ -311,3 +314,24 @@ class Checkpointer:
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
       self._previous_handler = None
+
+
+def saved_config(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """(the config a checkpoint was written with, as a dict; its step) of workdir's checkpoint at
+  `step` (default: latest). Raises CheckpointError when workdir holds none."""
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    raise CheckpointError(f'no checkpoint in {directory}; train that run first or pass the '
+                          'workdir of a trained one')
+  manager = ocp.CheckpointManager(directory, item_names=ITEM_NAMES)
+  try:
+    steps = list(manager.all_steps())
+    chosen = manager.latest_step() if step is None or step < 0 else step
+    if chosen is None or chosen not in steps:
+      raise CheckpointError(f'no checkpoint at step {chosen} in {directory} (available: '
+                            f'{steps or "none"}); train first or pick one of them')
+    config = manager.restore(chosen, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))['config']
+  finally:
+    manager.close()
+  return config, chosen

@@ -1,7 +1,7 @@
 """jaxmed's one entry point.
 
   python -m jaxmed.main --config=configs/mesh_2x4.py [--config.key=value ...] [--workdir=DIR]
-                        [--mode=train|eval|crossval|predict|preprocess|synthesize]
+                        [--mode=train|eval|crossval|predict|detect|preprocess|synthesize]
 """
 
 import contextlib
@@ -22,7 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None,
                                           f'Config file (default: {cli.DEFAULT_CONFIG}).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: workdirs/<config.name>).')
 _MODE = flags.DEFINE_enum('mode', 'train',
-                          ['train', 'eval', 'crossval', 'predict', 'preprocess',
+                          ['train', 'eval', 'crossval', 'predict', 'detect', 'preprocess',
                            'synthesize'], 'What to do.')
 
 
@@ -67,6 +67,9 @@ def main(argv):
     elif _MODE.value == 'train':
       from jaxmed import train
       train.train_and_evaluate(config, workdir)
+    elif _MODE.value == 'eval' and config.get('task', 'classify') == 'detect':
+      from jaxmed.detection import evaluation
+      evaluation.evaluate(config, workdir)
     elif _MODE.value == 'eval':
       from jaxmed import evaluate
       evaluate.evaluate(config, workdir)
@@ -76,6 +79,9 @@ def main(argv):
     elif _MODE.value == 'predict':
       from jaxmed import predict
       predict.predict(config, workdir)
+    elif _MODE.value == 'detect':
+      from jaxmed import detect
+      detect.detect(config, workdir)
 
 if __name__ == '__main__':
   app.run(main, flags_parser=cli.parse_flags)

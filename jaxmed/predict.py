@@ -1,4 +1,5 @@
 """--mode=predict: score candidates of scans without annotations (DICOM, NIfTI or MetaImage).
+Without predict.candidates_csv, a detect config finds the candidates itself (jaxmed/detect.py).
 
   python -m jaxmed.main --config=configs/mesh_2x4.py --mode=predict \
       --config.predict.scans_dir=data/raw/synthetic_dicom/subset9 \
@@ -92,7 +93,7 @@ def _check_outside(outside: np.ndarray, rows: np.ndarray, centers: np.ndarray,
       'candidates lie outside); fix its coordinates (world mm, x y z) or remove it')
 
 
-def _score(eval_fn, state, crops: np.ndarray, batch_size: int, batch_sharding,
+def score_crops(eval_fn, state, crops: np.ndarray, batch_size: int, batch_sharding,
            crop_sharding) -> np.ndarray:
   """Probabilities (K,) of int16 crops (K, S, S, S), batches of `batch_size` over the mesh."""
   # Every process cut every crop; each feeds the rows its devices hold, as the eval loader does.
@@ -130,6 +131,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = time.perf_counter()
   settings, data = config.predict, config.data
   scans_dir = _required_path(config, 'scans_dir')
+  if not config.predict.candidates_csv:
+    if config.get('task', 'classify') == 'detect':  # No candidate list: find them.
+      from jaxmed import detect
+      return detect.predict_without_candidates(config, workdir, output_dir(config, workdir))
+    raise ConfigError('predict.candidates_csv is not set; pass --config.predict.candidates_csv='
+                      'PATH, or run a detect config (config.task=detect, e.g. configs/detect.py) '
+                      'to find the nodules without a candidate list')
   csv_path = _required_path(config, 'candidates_csv')
   # ---- inputs, checked before the long part: folder, CSV, seriesuids, scan headers, checkpoint
   scans = scan_formats.find_scans(scans_dir)
@@ -172,7 +180,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       crops, _, outside = luna16.crop_cubes(image, centers, int(data.stored_crop_size),
                                             float(data.spacing_mm), data.interpolator)
       _check_outside(outside, rows, centers, geometries[uid], uid, csv_path)  # The pixel data's.
-      probability[rows] = _score(eval_fn, state, crops, int(config.train.eval_batch_size),
+      probability[rows] = score_crops(eval_fn, state, crops, int(config.train.eval_batch_size),
                                  batch_sharding, crop_sharding)
       if montage_size:
         best = np.argsort(-probability[rows], kind='stable')[:montage_size]

@@ -41,6 +41,9 @@ def table_rows(what: str, r: dict) -> list[tuple[str, str]]:
     rows = _head(r)
   else:
     rows = []
+  if what == 'detect_scale':
+    from jaxmed.benchmarks import detect_scale
+    return detect_scale.table_rows(r)
   if what == 'step':
     mem = r['memory']
     rows += [('train step', f"{r['samples_per_s']:,.1f} samples/s ({r['step_ms']:.2f} ms/step)"),

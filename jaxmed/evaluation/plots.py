@@ -264,3 +264,35 @@ def plot_training_curves(metrics_jsonl_path, path=None) -> Figure:
                'training', fontsize=10)
   fig.tight_layout()
   return _finish(fig, path)
+
+
+def plot_froc_curves(results: dict[str, FROCResult], path=None, title: str = '') -> Figure:
+  """Several FROC curves on one log2 axis over 1/8..8 FPs per scan, each labelled with its CPM
+  (e.g. detection alone, detection + FP reduction, the classifier on the dataset's candidates).
+  A result without nodules is listed as undefined. Writes `path` as PNG if given."""
+  fig = _new_figure(6.4, 4.8, dpi=120)
+  ax = fig.add_subplot()
+  grid = np.geomspace(FP_RATES[0], FP_RATES[-1], 400)
+  for i, (name, result) in enumerate(results.items()):
+    if not result.num_nodules:
+      ax.plot([], [], color=f'C{i}', label=f'{name}: no nodules')
+      continue
+    ax.plot(grid, np.interp(grid, result.fps_per_scan, result.sensitivity), color=f'C{i}', lw=2,
+            label=f'{name}: CPM {result.cpm:.3f}')
+    ax.plot(result.fp_rates, result.sensitivities, 'o', color=f'C{i}', ms=4)
+  first = next(iter(results.values()))
+  ax.set_title((title + '\n' if title else '') + f'{first.num_scans} scans, '
+               f'{first.num_nodules} nodules', fontsize=10)
+  ax.set_xscale('log', base=2)
+  ax.set_xlim(FP_RATES[0], FP_RATES[-1])
+  ax.xaxis.set_major_locator(FixedLocator(FP_RATES))
+  ax.xaxis.set_minor_locator(NullLocator())
+  ax.set_xticklabels(_FP_LABELS)
+  ax.set_ylim(0, 1.06)
+  ax.set_yticks(np.linspace(0, 1, 11))
+  ax.grid(True, which='major', alpha=0.4)
+  ax.set_xlabel('Average number of false positives per scan')
+  ax.set_ylabel('Sensitivity')
+  ax.legend(loc='lower right', fontsize=8)
+  fig.tight_layout()
+  return _finish(fig, path)
