@@ -118,7 +118,7 @@ def _cube(hu: np.ndarray, center_zyx: np.ndarray, edge: int) -> np.ndarray:
   return out
 
 
-def _peaks_fn(config):
+def peaks_fn(config):
   settings = config.detect
   return jax.jit(lambda maps: peaks.find_peaks(
       maps, stride=settings.stride, kernel=settings.nms_kernel, threshold=settings.threshold,
@@ -130,7 +130,7 @@ def detect_scans(config: ml_collections.ConfigDict, scans: list[tuple[str, Calla
                  montage_size: int = 0) -> list[ScanDetections]:
   """Detections of each (seriesuid, read) pair, read() -> the scan's sitk.Image in HU; scans
   go through the detector a batch-shards' group at a time. Call inside use_rules."""
-  find = _peaks_fn(config)
+  find = peaks_fn(config)
   results = []
   group = detector.batch_shards
   for first in range(0, len(scans), group):

@@ -193,7 +193,7 @@ def test_eval_of_a_detect_config_scores_detection_fpr_and_the_baseline(setup):
   with sharding_lib.use_rules(mesh, rules):
     graphdef, state, shardings, _ = detect.restore_detector(config, workdir, mesh, rules)
     detector = detect.volume_detector(config, graphdef, state, shardings, mesh, rules)
-    validated = validation.validate_volumes(detector, detect._peaks_fn(config), volumes)
+    validated = validation.validate_volumes(detector, detect.peaks_fn(config), volumes)
   assert validated['scans'] == 3
   assert validated['cpm'] == pytest.approx(metrics['cpm_detection'], abs=1e-9)
   assert validated['recall_at_32'] == pytest.approx(metrics['recall_at_32'], abs=1e-9)

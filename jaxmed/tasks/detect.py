@@ -7,9 +7,10 @@ over 'spatial'), centers float32 (B, K, 3) patch voxels (z, y, x), diameters_mm 
 device (detect.augment), the heatmap targets built from the (moved) centres
 (detection/targets.py) and the loss taken over the global batch (detection/loss.py).
 
-Validation: the loss on detect.val_batches batches of patches from data.val_subsets (the same
-patches at every evaluation: sampling is a pure function of (seed, step)). Sensitivity at 1, 2, 4
-and 8 false positives per scan over whole validation scans comes from detection/validation.py.
+Validation: detection over the whole data.val_subsets scans of the volumes file, as --mode=eval
+scores it (sensitivity at 1, 2, 4 and 8 false positives per scan, CPM, candidate recall:
+detection/validation.py), and the loss on detect.val_batches batches of validation patches (the
+same patches at every evaluation: sampling is a pure function of (seed, step)).
 """
 
 from __future__ import annotations
@@ -143,8 +144,10 @@ def eval_step(graphdef, state, batch, *, config) -> dict[str, jax.Array]:
 
 
 def validate(eval_fn, state, config, batch_sharding) -> dict[str, Any]:
-  """Mean loss (and its terms) over detect.val_batches batches of validation patches: patches
-  of data.val_subsets sampled as training samples them, without augmentation."""
+  """Detection over the whole validation scans (sensitivity at 1, 2, 4 and 8 false positives
+  per scan, CPM and candidate recall: detection/validation.py, the numbers --mode=eval gives),
+  and the mean loss (and its terms) over detect.val_batches batches of validation patches
+  (data.val_subsets sampled as training samples them, without augmentation)."""
   from jaxmed.data import patch_loader
   val_config = config.copy_and_resolve_references()
   val_config.data.train_subsets = tuple(config.data.val_subsets)
@@ -154,9 +157,27 @@ def validate(eval_fn, state, config, batch_sharding) -> dict[str, Any]:
       for key, value in jax.device_get(eval_fn(state, next(batches))).items():
         totals[key] = totals.get(key, 0.0) + float(value)
   count = max(config.detect.val_batches, 1)
-  return {**{k: v / count for k, v in totals.items() if k != 'nodules'},
+  return {**_detect_validation_scans(state, config, batch_sharding.mesh),
+          **{k: v / count for k, v in totals.items() if k != 'nodules'},
           'nodules': int(totals.get('nodules', 0)), 'patches': count *
           config.train.global_batch_size}
+
+
+def _detect_validation_scans(state, config, mesh) -> dict[str, Any]:
+  """validation.validate_volumes over the volumes file's data.val_subsets scans, with the
+  current weights (BatchNorm on its running statistics). Call inside use_rules."""
+  from jaxmed import detect as detect_mode
+  from jaxmed import train
+  from jaxmed.data import volumes_file
+  from jaxmed.detection import validation
+  rules = sharding_lib.current_rules()
+  graphdef, _, _ = train.abstract_train_state(config, mesh, rules)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  detector = detect_mode.volume_detector(config, graphdef, state, shardings, mesh, rules)
+  source = volumes_file.VolumesSource(config.data.volumes_file)
+  indices = volumes_file.scans_in_subsets(source, config.data.val_subsets)
+  return validation.validate_volumes(detector, detect_mode.peaks_fn(config),
+                                     validation.volumes_of(source, indices))
 
 
 def volumes_identity(path: str) -> dict[str, Any]:
