@@ -274,6 +274,7 @@ def _records(workdir):
           for r in records}
 
 
+@pytest.mark.heavy  # Four training runs with a Grain worker: several minutes on 2 cores.
 def test_sigterm_to_the_process_group_with_workers_saves_stops_and_resumes_exactly(
     tiny_dataset, tmp_path):
   from test_leftovers import _group_alive

@@ -172,7 +172,9 @@ def run_steps(name):
 
 
 @pytest.mark.slow  # 5 compilations of the step: minutes on 2 cores shared with other jobs.
-@pytest.mark.parametrize('name', [m for m in MESHES if m != 'one_device'])
+@pytest.mark.parametrize('name', [
+    m if m == 'data2_spatial4' else pytest.param(m, marks=pytest.mark.heavy)
+    for m in MESHES if m != 'one_device'])
 def test_every_detector_mesh_gives_one_devices_losses(name):
   losses, patch_spec = run_steps(name)
   reference, _ = run_steps('one_device')

@@ -254,7 +254,7 @@ def test_every_mesh_matches_one_device(name, reference):
   _matches_one_device(name, reference, RULES)
 
 
-@pytest.mark.parametrize('name', ['model8', 'data2_model4'])
+@pytest.mark.parametrize('name', ['model8', pytest.param('data2_model4', marks=pytest.mark.heavy)])
 def test_a_per_stage_strategy_matches_one_device(name, reference):
   # The model axis splits the batch in the stem and stages 1-2, channels in stages 3-4 and the
   # head (the cost model's choice for the seed's ResNet-18): the same numbers.
