@@ -28,6 +28,20 @@ HU_WINDOW = (-1000.0, 400.0)
 _FP_LABELS = ('1/8', '1/4', '1/2', '1', '2', '4', '8')
 
 
+def _froc_axes(ax) -> None:
+  """LUNA16's FROC axes: FPs per scan on a log2 axis at its 7 rates, sensitivity 0-1."""
+  ax.set_xscale('log', base=2)
+  ax.set_xlim(FP_RATES[0], FP_RATES[-1])
+  ax.xaxis.set_major_locator(FixedLocator(FP_RATES))
+  ax.xaxis.set_minor_locator(NullLocator())
+  ax.set_xticklabels(_FP_LABELS)
+  ax.set_ylim(0, 1.06)
+  ax.set_yticks(np.linspace(0, 1, 11))
+  ax.grid(True, which='major', alpha=0.4)
+  ax.set_xlabel('Average number of false positives per scan')
+  ax.set_ylabel('Sensitivity')
+
+
 def _new_figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
   fig = Figure(figsize=(width_in, height_in), dpi=dpi)
   FigureCanvasAgg(fig)  # Attaches itself as fig.canvas.
@@ -85,16 +99,7 @@ def plot_froc(result: FROCResult, ci: FROCConfidence | None = None, path=None,
     title += f' ({100 * band.confidence:.0f}% CI {ci.cpm_low:.3f}-{ci.cpm_high:.3f})'
   ax.set_title(title + f'\n{result.num_scans} scans, {result.num_nodules} nodules, '
                f'{result.num_hits} hit, {result.num_false_positives} FPs', fontsize=10)
-  ax.set_xscale('log', base=2)
-  ax.set_xlim(FP_RATES[0], FP_RATES[-1])
-  ax.xaxis.set_major_locator(FixedLocator(FP_RATES))
-  ax.xaxis.set_minor_locator(NullLocator())
-  ax.set_xticklabels(_FP_LABELS)
-  ax.set_ylim(0, 1.06)
-  ax.set_yticks(np.linspace(0, 1, 11))
-  ax.grid(True, which='major', alpha=0.4)
-  ax.set_xlabel('Average number of false positives per scan')
-  ax.set_ylabel('Sensitivity')
+  _froc_axes(ax)
   if ax.get_legend_handles_labels()[0]:
     ax.legend(loc='lower right', fontsize=8)
   fig.tight_layout()
@@ -283,16 +288,7 @@ def plot_froc_curves(results: dict[str, FROCResult], path=None, title: str = '')
   first = next(iter(results.values()))
   ax.set_title((title + '\n' if title else '') + f'{first.num_scans} scans, '
                f'{first.num_nodules} nodules', fontsize=10)
-  ax.set_xscale('log', base=2)
-  ax.set_xlim(FP_RATES[0], FP_RATES[-1])
-  ax.xaxis.set_major_locator(FixedLocator(FP_RATES))
-  ax.xaxis.set_minor_locator(NullLocator())
-  ax.set_xticklabels(_FP_LABELS)
-  ax.set_ylim(0, 1.06)
-  ax.set_yticks(np.linspace(0, 1, 11))
-  ax.grid(True, which='major', alpha=0.4)
-  ax.set_xlabel('Average number of false positives per scan')
-  ax.set_ylabel('Sensitivity')
+  _froc_axes(ax)
   ax.legend(loc='lower right', fontsize=8)
   fig.tight_layout()
   return _finish(fig, path)

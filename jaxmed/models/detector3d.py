@@ -37,8 +37,9 @@ from flax import nnx
 
 from jaxmed.errors import ConfigError
 from jaxmed.models.resnet3d import (
-    ACTIVATION_AXES, CONV_INPUT_AXES, SPACE_TO_DEPTH_MODES, STAGE_BLOCKS, STAGE_MULTIPLIERS,
-    PreActBasicBlock, _logical, apply_conv, batch_norm, block_plan, conv3d, max_pool_same)
+    ACTIVATION_AXES, CONV_INPUT_AXES, STAGE_BLOCKS, STAGE_MULTIPLIERS,
+    PreActBasicBlock, _logical, apply_conv, batch_norm, block_plan, check_settings, conv3d,
+    max_pool_same)
 from jaxmed.parallel import spatial
 from jaxmed.parallel.sharding import constrain
 
@@ -108,14 +109,7 @@ class Detector3D(nnx.Module):
                in_channels: int = 1, dtype: jnp.dtype = jnp.float32,
                param_dtype: jnp.dtype = jnp.float32, space_to_depth: str = 'none',
                rngs: nnx.Rngs):
-    if depth not in STAGE_BLOCKS:
-      raise ConfigError(
-          f'ResNet depth {depth} is not supported; set --config.model.depth to one of '
-          f'{sorted(STAGE_BLOCKS)}')
-    if space_to_depth not in SPACE_TO_DEPTH_MODES:
-      raise ConfigError(
-          f'space_to_depth={space_to_depth!r} is not a mode; set --config.model.space_to_depth '
-          f'to one of {", ".join(SPACE_TO_DEPTH_MODES)}')
+    check_settings(depth, space_to_depth)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
     self.stem_pool = stem_pool

@@ -292,6 +292,18 @@ class PreActBasicBlock(nnx.Module):
     return constrain(out + shortcut, ACTIVATION_AXES)
 
 
+def check_settings(depth: int, space_to_depth: str) -> None:
+  """One-line ConfigErrors for a ResNet depth or space_to_depth mode jaxmed does not build."""
+  if depth not in STAGE_BLOCKS:
+    raise ConfigError(
+        f'ResNet depth {depth} is not supported; set --config.model.depth to one of '
+        f'{sorted(STAGE_BLOCKS)}')
+  if space_to_depth not in SPACE_TO_DEPTH_MODES:
+    raise ConfigError(
+        f'space_to_depth={space_to_depth!r} is not a mode; set --config.model.space_to_depth '
+        f'to one of {", ".join(SPACE_TO_DEPTH_MODES)}')
+
+
 class ResNet3D(nnx.Module):
   """Pre-activation 3D ResNet-10/18/34: (B, D, H, W, 1) in [0, 1] -> logits (B,) float32."""
 
@@ -299,14 +311,7 @@ class ResNet3D(nnx.Module):
                stem_stride: int = 2, stem_pool: bool = True, in_channels: int = 1,
                dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
                space_to_depth: str = 'none', rngs: nnx.Rngs):
-    if depth not in STAGE_BLOCKS:
-      raise ConfigError(
-          f'ResNet depth {depth} is not supported; set --config.model.depth to one of '
-          f'{sorted(STAGE_BLOCKS)}')
-    if space_to_depth not in SPACE_TO_DEPTH_MODES:
-      raise ConfigError(
-          f'space_to_depth={space_to_depth!r} is not a mode; set --config.model.space_to_depth '
-          f'to one of {", ".join(SPACE_TO_DEPTH_MODES)}')
+    check_settings(depth, space_to_depth)
     self.stem_space_to_depth = space_to_depth != 'none'
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dtype = dtype
